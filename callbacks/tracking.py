@@ -1,0 +1,78 @@
+"""Weights & Biases as the default tracker, with an offline fallback that never prompts or fails a run."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+WANDB_HOST = "api.wandb.ai"
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when the user set it, else online with credentials and offline without."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    return "online" if _has_wandb_credentials() else "offline"
+
+
+def _keep_earlier_csv(run_dir: Path) -> None:
+    """A resumed run reuses its folder; CSVLogger would delete the earlier metrics.csv, so move it aside."""
+    earlier = run_dir / "metrics.csv"
+    if earlier.is_file():
+        index = 1
+        while (run_dir / f"metrics.{index}.csv").exists():
+            index += 1
+        earlier.rename(run_dir / f"metrics.{index}.csv")
+
+
+def build_loggers(
+    run_dir: Path,
+    run_name: str,
+    tags: list[str],
+    project: str = "shiftad",
+    use_wandb: bool = True,
+    log_model: bool = False,
+) -> list[Logger]:
+    """A CSV log in ``run_dir`` (first, so ``trainer.log_dir`` is the run folder) and a W&B run beside it."""
+    _keep_earlier_csv(run_dir)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    mode = wandb_mode() if use_wandb else "disabled"
+    if mode == "disabled":
+        return loggers
+    # The run is created lazily on first use; these settings keep wandb from ever asking on stdin.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if mode == "offline":
+        rank_zero_info(
+            f"W&B: no login found, logging offline to {run_dir / 'wandb'}. Upload later with "
+            f"`wandb sync {run_dir / 'wandb'}/offline-run-*` after `wandb login`."
+        )
+    loggers.append(
+        WandbLogger(
+            name=run_name,
+            save_dir=str(run_dir),
+            project=project,
+            tags=tags,
+            mode=mode,
+            log_model="all" if log_model else False,
+            settings={"init_timeout": 60, "silent": True},
+        )
+    )
+    return loggers
+
+
+def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]

@@ -1,0 +1,152 @@
+"""ShiftAD command line: ``python cli.py fit|validate|test|predict --config configs/...``.
+
+Every run lands in ``<run.root>/<method>/<data tag>/<version>/`` (config, CSV metrics, W&B files,
+checkpoints, results and figures). A version folder is never reused, except by ``fit --ckpt_path
+last``, which continues the newest run of the same method and data in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
+import lightning_modules  # noqa: F401  (registers the methods)
+from callbacks import AnomalyMapGrid, ResultsWriter
+from callbacks.tracking import build_loggers, wandb_loggers
+from lightning_modules.base import ShiftADModule
+
+RUN_DIR_ENV = "SHIFTAD_RUN_DIR"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes the resolved config into the run folder (a resumed run adds a numbered copy) and to W&B."""
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        log_dir = Path(trainer.log_dir)
+        name, index = "config.yaml", 1
+        while (log_dir / name).exists():
+            name, index = f"config.{index}.yaml", index + 1
+        self.config_filename = name
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="json")
+        for logger in wandb_loggers(trainer.loggers):
+            logger.experiment.config.update({"cli": config}, allow_val_change=True)
+
+
+def _next_version(parent: Path) -> str:
+    numbers = [int(m.group(1)) for p in parent.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return f"version_{max(numbers, default=-1) + 1}"
+
+
+def _newest_with_checkpoint(parent: Path) -> Path | None:
+    candidates = [p for p in parent.glob("*/checkpoints") if (p / LAST_CHECKPOINT).is_file()]
+    return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime).parent if candidates else None
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text).strip("-") or "run"
+
+
+class ShiftADCLI(LightningCLI):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            model_class=ShiftADModule,
+            subclass_mode_model=True,
+            datamodule_class=LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid()]},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run.root", type=str, default="runs", help="Folder under which every run gets its own folder.")
+        parser.add_argument("--run.version", type=str | None, default=None,
+                            help="Name of the run folder; default: the next version_N (or slurm_<job id>).")
+        parser.add_argument("--run.wandb", type=bool, default=True, help="Log to Weights & Biases (offline without login).")
+        parser.add_argument("--run.wandb_project", type=str, default="shiftad", help="W&B project.")
+        parser.add_argument("--run.log_model", type=bool, default=False, help="Upload checkpoints as W&B model artifacts.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt is overwritten in place, so a resumed run keeps one "last" to resume from.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
+
+    def _run_dir(self, method: str, tag: str) -> tuple[Path, Path | None]:
+        """(run folder, checkpoint to resume or None) for this launch; every DDP rank gets the same."""
+        config = self.config_init[self.subcommand]
+        parent = Path(config["run"]["root"]) / _safe(method) / _safe(tag)
+        ckpt_path = config.get("ckpt_path")
+        resume = None
+        if ckpt_path == "last":
+            newest = _newest_with_checkpoint(parent)
+            if newest is None:
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no run of {method!r} on {tag!r} has a checkpoint yet "
+                    f"(looked for */checkpoints/{LAST_CHECKPOINT} under {parent}); start it without --ckpt_path"
+                )
+            resume = newest / "checkpoints" / LAST_CHECKPOINT
+        if os.environ.get(RUN_DIR_ENV) and "LOCAL_RANK" in os.environ:  # a rank spawned by this launch
+            return Path(os.environ[RUN_DIR_ENV]), resume
+        if config["run"]["version"]:
+            version = _safe(config["run"]["version"])
+        elif resume is not None and self.subcommand == "fit":
+            return resume.parent.parent, resume
+        elif os.environ.get("SLURM_JOB_ID"):
+            version = f"slurm_{os.environ['SLURM_JOB_ID']}"
+        elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+            version = f"torchrun_{os.environ['TORCHELASTIC_RUN_ID']}"
+        else:
+            version = _next_version(parent)
+        return parent / version, resume
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config_init[self.subcommand]
+        method = getattr(self.model, "method_name", type(self.model).__name__.lower())
+        tag = getattr(self.datamodule, "run_tag", type(self.datamodule).__name__.lower())
+        run_dir, resume = self._run_dir(method, tag)
+        # Ranks started by Lightning's launcher inherit this, so they agree on the folder.
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        if resume is not None:
+            config["ckpt_path"] = str(resume)
+        checkpoint: ModelCheckpoint = config["checkpoint"]
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = str(run_dir / "checkpoints")
+        trainer_config = config["trainer"]
+        if trainer_config.get("logger") in (None, True):
+            describe = getattr(self.datamodule, "describe", dict)()
+            tags = [method] + [f"{k}:{v}" for k, v in describe.items() if v is not None]
+            kwargs["logger"] = build_loggers(
+                run_dir,
+                run_name=f"{method}/{tag}/{run_dir.name}",
+                tags=tags[:64],
+                project=config["run"]["wandb_project"],
+                use_wandb=config["run"]["wandb"],
+                log_model=config["run"]["log_model"],
+            )
+        kwargs["default_root_dir"] = str(run_dir)
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> ShiftADCLI:
+    torch.set_float32_matmul_precision("high")
+    cli = ShiftADCLI(args=args)
+    # Close the W&B run so its files are complete before the process (or the next in-process run) goes on.
+    for logger in wandb_loggers(cli.trainer.loggers):
+        if logger._experiment is not None:
+            logger.experiment.finish()
+    return cli
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""What every ShiftAD LightningModule shares: optimizers from the config, loss guards, evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_modules.components.metrics import ScoreCollector, image_metrics, pixel_metrics, sample_ids
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; the run stops before any weight is overwritten."""
+
+
+def adam() -> OptimizerCallable:
+    return lambda params: torch.optim.Adam(params, lr=1e-3)
+
+
+class ShiftADModule(LightningModule):
+    """Base of every method.
+
+    Args:
+        optimizer: built on the trainable parameter groups only (``class_path``/``init_args`` in YAML).
+        scheduler: optional learning-rate scheduler, stepped every ``scheduler_interval``.
+        scheduler_interval: ``step`` or ``epoch``.
+    """
+
+    #: short name used for run folders and W&B tags.
+    method_name = "method"
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "step",
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        self.optimizer_factory = optimizer or adam()
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def parameter_groups(self) -> list[dict]:
+        """Trainable parameter groups; a group may carry ``lr_mult``, applied to the optimizer's lr."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
+
+    def configure_optimizers(self):
+        groups = [g for g in self.parameter_groups() if g["params"]]
+        if not groups:
+            return None
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def checked_total(self, terms: dict[str, torch.Tensor], prefix: str = "train") -> torch.Tensor:
+        """Sums loss terms after checking each is finite, and logs each one."""
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: loss term {name!r} is {value.detach().float().item()} at global step "
+                    f"{self.global_step} (epoch {self.current_epoch}); the run stops here and the last "
+                    f"checkpoint is left as it was"
+                )
+        total = sum(terms.values())
+        self.log_dict({f"{prefix}/{name}": value.detach() for name, value in terms.items()}, prog_bar=False)
+        self.log(f"{prefix}/loss", total.detach(), prog_bar=True)
+        return total
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["shiftad_method"] = type(self).__name__
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("shiftad_method")
+        if saved is not None and saved != type(self).__name__:
+            raise ValueError(
+                f"this checkpoint was written by method {saved!r}, but the model is {type(self).__name__!r}; "
+                f"pick the config of {saved!r} or a checkpoint of {type(self).__name__!r}"
+            )
+
+
+class AnomalyDetectionModule(ShiftADModule):
+    """Base of the anomaly detectors: one evaluation path for every method.
+
+    Subclasses implement :meth:`anomaly_scores`. Test batches are the sample dicts of ``datamodules``.
+    Image and pixel scores are gathered across ranks and ranked before any curve is computed.
+
+    Args:
+        aupro_fpr_limit: upper FPR limit of AUPRO (0.3 is the MVTec AD definition).
+        num_map_examples: how many test samples keep their anomaly maps for the figure grid.
+    """
+
+    def __init__(self, *args, aupro_fpr_limit: float = 0.3, num_map_examples: int = 8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.aupro_fpr_limit = aupro_fpr_limit
+        self.num_map_examples = num_map_examples
+        self.image_scores = ScoreCollector()
+        self.pixel_scores = ScoreCollector()
+        self.map_examples: dict[str, torch.Tensor] = {}
+        self.test_results: dict[str, float] = {}
+
+    def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images [B, 3, H, W] in [0, 1] -> (image scores [B], anomaly maps [B, h, w] or None)."""
+        raise NotImplementedError
+
+    def on_test_epoch_start(self) -> None:
+        self.image_scores.reset()
+        self.pixel_scores.reset()
+        self.map_examples = {}
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        scores, maps = self.anomaly_scores(batch["image"])
+        ids = sample_ids(batch["path"]).to(scores.device)
+        self.image_scores.update(scores, batch["label"], ids)
+        if maps is None:
+            return
+        masks = batch["mask"][:, 0]
+        maps = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        with_mask = batch["has_mask"].bool()
+        if with_mask.any():
+            self.pixel_scores.update(maps[with_mask], masks[with_mask], ids[with_mask])
+        self._keep_examples(batch["image"], masks, maps)
+
+    def _keep_examples(self, images: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor) -> None:
+        taken = self.map_examples.get("image", torch.empty(0)).shape[0]
+        room = self.num_map_examples - taken
+        if room <= 0:
+            return
+        new = {"image": images[:room], "mask": masks[:room], "map": maps[:room]}
+        for key, value in new.items():
+            value = value.detach().float().cpu()
+            self.map_examples[key] = torch.cat([self.map_examples[key], value]) if key in self.map_examples else value
+
+    def on_test_epoch_end(self) -> None:
+        scores, labels = self.image_scores.compute()
+        results = image_metrics(scores, labels)
+        if not self.pixel_scores.scores:
+            rank_zero_warn("pixel metrics skipped: the test set has no ground-truth masks (image metrics only)")
+        else:
+            maps, masks = self.pixel_scores.compute()
+            results.update(pixel_metrics(maps, masks, self.aupro_fpr_limit))
+        results = {k: v for k, v in results.items() if math.isfinite(v)}
+        self.test_results = results
+        self.log_dict({f"test/{k}": v for k, v in results.items()})
+
+
+def freeze(modules: Iterable[torch.nn.Module]) -> None:
+    """Frozen means no gradient and eval mode (BatchNorm statistics stay as loaded)."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()

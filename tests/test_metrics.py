@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from lightning_modules.components.metrics import (
+    ScoreCollector,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    fpr_at_tpr,
+    image_metrics,
+    pixel_metrics,
+    rank_normalize,
+    sample_ids,
+)
+
+
+@pytest.fixture
+def random_scores():
+    generator = torch.Generator().manual_seed(0)
+    target = (torch.rand(500, generator=generator) < 0.3).long()
+    scores = torch.randn(500, generator=generator) + 0.8 * target
+    return scores, target
+
+
+def test_aupro_reference_vector():
+    preds = (torch.arange(2800, dtype=torch.float64) / 2800).view(1, 400, 7)
+    for columns in ([3], [1, 3, 5]):
+        masks = torch.zeros(1, 400, 7)
+        masks[..., columns] = 1
+        assert aupro(preds, masks, fpr_limit=1 / 3) == pytest.approx(1 / 6, abs=1e-3)
+
+
+def test_aupro_weighs_regions_equally():
+    maps = torch.zeros(1, 10, 10)
+    masks = torch.zeros(1, 10, 10)
+    masks[0, 0:2, 0:2] = 1  # small region, found
+    masks[0, 5:10, 5:10] = 1  # large region, missed
+    maps[0, 0:2, 0:2] = 1.0
+    # Curve: (0, 0) -> (0, 0.5) once the small region is found -> (1, 1) when everything else,
+    # tied at 0, is taken. Up to FPR 0.3: 0.3 * (0.5 + 0.65) / 2, divided by 0.3 = 0.575; a pixel-weighted
+    # overlap would give far less, since the missed region is 6x larger.
+    assert aupro(maps, masks) == pytest.approx(0.575)
+    perfect = masks.clone()
+    assert aupro(perfect, masks) == pytest.approx(1.0)
+
+
+def test_rank_metrics_match_scikit_learn(random_scores):
+    scores, target = random_scores
+    y, s = target.numpy(), scores.numpy()
+    assert auroc(scores, target) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    assert average_precision(scores, target) == pytest.approx(average_precision_score(y, s), abs=1e-6)
+    precision, recall, _ = precision_recall_curve(y, s)
+    f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+    assert f1_max(scores, target) == pytest.approx(f1, abs=1e-6)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert fpr_at_tpr(scores, target) == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-6)
+    best_threshold = np.sort(s)[np.argmax([f1_score(y, s >= t) for t in np.sort(s)])]
+    assert f1_max(scores, target) == pytest.approx(f1_score(y, s >= best_threshold), abs=1e-6)
+
+
+def test_huge_raw_scores_still_rank(random_scores):
+    _, target = random_scores
+    order = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(1))
+    # Scores from 1e6 to 1e9 that separate the classes perfectly, with gaps far below float32 resolution.
+    scores = 1e6 + torch.arange(target.numel(), dtype=torch.float64)[order] * 1.0
+    scores = torch.where(target.bool(), scores + 9e8, scores)
+    assert auroc(scores, target) == 1.0
+    assert average_precision(scores, target) == 1.0
+    # The naive route saturates: torchmetrics' sigmoid makes every score 1.0 and AUROC 0.5.
+    from torchmetrics.functional.classification import binary_auroc
+
+    assert float(binary_auroc(scores.float(), target)) == pytest.approx(0.5)
+
+
+def test_rank_normalize_keeps_ties_and_order():
+    scores = torch.tensor([5e8, 1e6, 5e8, 2e9])
+    assert rank_normalize(scores).tolist() == [0.5, 0.0, 0.5, 1.0]
+
+
+def test_collector_drops_samples_repeated_by_a_padding_sampler():
+    collector = ScoreCollector()
+    ids = sample_ids(["a.png", "b.png", "c.png"])
+    collector.update(torch.tensor([0.1, 0.9, 0.2]), torch.tensor([0, 1, 0]), ids)
+    collector.update(torch.tensor([0.1]), torch.tensor([0]), ids[:1])  # the padded repeat of a.png
+    scores, targets = collector.compute()
+    assert scores.tolist() == pytest.approx([0.1, 0.9, 0.2]) and targets.tolist() == [0, 1, 0]
+
+
+def test_collector_rejects_non_finite_scores():
+    with pytest.raises(ValueError, match="non-finite"):
+        ScoreCollector().update(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]))
+
+
+def test_metric_bundles(random_scores):
+    scores, target = random_scores
+    assert set(image_metrics(scores, target)) == {"image_auroc", "image_ap", "image_f1_max", "image_fpr95"}
+    assert image_metrics(scores, torch.zeros_like(target)) == {}
+    maps = torch.rand(4, 8, 8)
+    masks = (torch.rand(4, 8, 8) > 0.8).float()
+    assert "pixel_aupro" in pixel_metrics(maps, masks)

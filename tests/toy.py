@@ -1,0 +1,97 @@
+"""A minimal method and DataModule for testing the CLI, tracking and resume machinery."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_modules.base import AnomalyDetectionModule
+
+
+class ToyImages(Dataset):
+    """Random 16 px images; anomalous ones carry a bright square, with its mask."""
+
+    def __init__(self, size: int, anomalous_fraction: float, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(size, 3, 16, 16, generator=generator) * 0.5
+        self.labels = (torch.rand(size, generator=generator) < anomalous_fraction).long()
+        self.masks = torch.zeros(size, 1, 16, 16)
+        self.masks[self.labels == 1, :, 4:9, 4:9] = 1.0
+        self.images = torch.where(self.masks.bool(), torch.ones_like(self.images), self.images)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": self.images[index],
+            "label": int(self.labels[index]),
+            "mask": self.masks[index],
+            "has_mask": True,
+            "defect_type": "square" if self.labels[index] else "good",
+            "domain": "toy",
+            "domain_index": 0,
+            "path": f"toy/{self.seed}/{index}.png",
+        }
+
+
+class ToyDataModule(LightningDataModule):
+    def __init__(self, batch_size: int = 4, train_size: int = 32, test_size: int = 24) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.train_size = train_size
+        self.test_size = test_size
+
+    @property
+    def run_tag(self) -> str:
+        return "toy"
+
+    def describe(self) -> dict:
+        return {"dataset": "toy", "batch_size": self.batch_size}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ToyImages(self.train_size, 0.0, seed=1), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ToyImages(8, 0.0, seed=2), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(ToyImages(self.test_size, 0.5, seed=3), batch_size=self.batch_size)
+
+
+class ToyDetector(AnomalyDetectionModule):
+    """A per-pixel autoencoder; the reconstruction error is the anomaly map."""
+
+    method_name = "toy"
+
+    def __init__(self, hidden: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Conv2d(3, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, 3, 1))
+
+    def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = (self.net(images) - images).pow(2).mean(1)
+        return maps.flatten(1).amax(1), maps
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        return self.checked_total({"reconstruction": (self.net(images) - images).pow(2).mean()})
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        self.log("val/loss", (self.net(images) - images).pow(2).mean())
+
+
+class KillAtStep(Callback):
+    """Ends the process abruptly (no clean-up, like a killed job) once ``step`` is reached."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os._exit(3)
