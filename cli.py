@@ -78,6 +78,8 @@ class ShiftADCLI(LightningCLI):
         parser.add_argument("--run.wandb", type=bool, default=True, help="Log to Weights & Biases (offline without login).")
         parser.add_argument("--run.wandb_project", type=str, default="shiftad", help="W&B project.")
         parser.add_argument("--run.log_model", type=bool, default=False, help="Upload checkpoints as W&B model artifacts.")
+        parser.add_argument("--run.test_after_fit", type=bool, default=False,
+                            help="After fit, test the best checkpoint (by checkpoint.monitor) or the final weights.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt is overwritten in place, so a resumed run keeps one "last" to resume from.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
@@ -136,6 +138,14 @@ class ShiftADCLI(LightningCLI):
             )
         kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
+
+
+    def after_fit(self) -> None:
+        if not self.config_init[self.subcommand]["run"]["test_after_fit"]:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.monitor else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
 
 
 def main(args: list[str] | None = None) -> ShiftADCLI:

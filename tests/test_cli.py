@@ -106,3 +106,10 @@ def test_wandb_never_prompts_without_login(tmp_path, monkeypatch):
 def test_toy_fit_under_mixed_precision(tmp_path, precision):
     main(["fit", *TOY, "--trainer.max_steps", "2", "--trainer.precision", precision,
           "--run.root", str(tmp_path), "--run.wandb", "false"])
+
+
+def test_fit_can_end_with_a_test_of_the_selected_checkpoint(tmp_path):
+    main(["fit", *TOY, "--trainer.max_epochs", "2", "--checkpoint.monitor", "val/loss", "--run.test_after_fit", "true",
+          "--run.root", str(tmp_path), "--run.wandb", "false"])
+    results = json.loads((tmp_path / "toy" / "toy" / "version_0" / "results.json").read_text())
+    assert results["global_step"] > 0 and "test/image_auroc" in results["metrics"]

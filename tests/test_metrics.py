@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from lightning_modules.components.metrics import (
     ScoreCollector,
