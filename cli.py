@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
 import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import AnomalyMapGrid, ResultsWriter
+from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from callbacks.tracking import build_loggers, wandb_loggers
 from lightning_modules.base import ShiftADModule
 
@@ -53,6 +57,13 @@ def _newest_with_checkpoint(parent: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime).parent if candidates else None
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"--ckpt_path {path}: not a torch checkpoint (corrupt or truncated file?)")
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text).strip("-") or "run"
 
@@ -67,9 +78,17 @@ class ShiftADCLI(LightningCLI):
             save_config_callback=RunConfigSaver,
             auto_configure_optimizers=False,
             seed_everything_default=0,
-            trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid()]},
+            trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid(), PreemptionCheckpoint()]},
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Checks an explicit checkpoint file before Lightning reads its hyperparameters."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+            _check_checkpoint_file(Path(ckpt_path))
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="Folder under which every run gets its own folder.")
@@ -121,6 +140,8 @@ class ShiftADCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         if resume is not None:
             config["ckpt_path"] = str(resume)
+        if config.get("weights_only") is None:
+            config["weights_only"] = True  # a checkpoint file cannot run code
         checkpoint: ModelCheckpoint = config["checkpoint"]
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")
@@ -150,7 +171,10 @@ class ShiftADCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> ShiftADCLI:
     torch.set_float32_matmul_precision("high")
-    cli = ShiftADCLI(args=args)
+    try:
+        cli = ShiftADCLI(args=args)
+    except SIGTERMException:
+        sys.exit(PREEMPTED_EXIT_CODE)
     # Close the W&B run so its files are complete before the process (or the next in-process run) goes on.
     for logger in wandb_loggers(cli.trainer.loggers):
         if logger._experiment is not None:

@@ -113,3 +113,41 @@ def test_fit_can_end_with_a_test_of_the_selected_checkpoint(tmp_path):
           "--run.root", str(tmp_path), "--run.wandb", "false"])
     results = json.loads((tmp_path / "toy" / "toy" / "version_0" / "results.json").read_text())
     assert results["global_step"] > 0 and "test/image_auroc" in results["metrics"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_a_checkpoint_and_the_next_launch_continues(tmp_path, signal_name):
+    config = tmp_path / "preempt.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 12\n  callbacks:\n    - class_path: tests.toy.SignalAtStep\n"
+        f"      init_args: {{step: 5, signal_name: {signal_name}}}\n"
+    )
+    args = ["fit", *TOY, "--run.root", str(tmp_path / "runs"), "--run.wandb", "false"]
+    preempted = run_cli([*args, "--config", str(config)])
+    assert preempted.returncode == 143, preempted.stderr[-2000:]
+    assert "Preempted at global step 5" in preempted.stderr
+    last = tmp_path / "runs" / "toy" / "toy" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    resumed = run_cli([*args, "--trainer.max_steps", "12", "--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+
+
+def test_bad_checkpoint_paths_are_clear_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00garbage")
+    result = run_cli(["test", *TOY, "--run.root", str(tmp_path), "--run.wandb", "false", "--ckpt_path", str(corrupt)])
+    assert result.returncode != 0 and "corrupt.ckpt: not a torch checkpoint" in result.stderr
+    result = run_cli(["test", *TOY, "--run.root", str(tmp_path), "--run.wandb", "false",
+                      "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert result.returncode != 0 and "missing.ckpt: no such checkpoint file" in result.stderr
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path):
+    main(["fit", *TOY, "--trainer.max_steps", "2", "--run.root", str(tmp_path), "--run.wandb", "false"])
+    checkpoint = tmp_path / "toy" / "toy" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["shiftad_method"] = "DANN"
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="written by method 'DANN'"):
+        main(["test", *TOY, "--run.root", str(tmp_path), "--run.wandb", "false", "--ckpt_path", str(checkpoint)])
