@@ -127,6 +127,12 @@ class ShiftADCLI(LightningCLI):
             version = f"slurm_{os.environ['SLURM_JOB_ID']}"
         elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
             version = f"torchrun_{os.environ['TORCHELASTIC_RUN_ID']}"
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Ranks started together by an outside launcher cannot agree on "the next version" safely.
+            raise ValueError(
+                f"multi-process launch (WORLD_SIZE={os.environ['WORLD_SIZE']}) without a shared run name: pass "
+                f"the same --run.version <name> to every rank, or use torchrun --rdzv-id <id>"
+            )
         else:
             version = _next_version(parent)
         return parent / version, resume
