@@ -1,0 +1,111 @@
+"""Torch datasets over lists of ``Sample``: image loading, resizing, domain shift, the sample dict.
+
+Every item is a dict that the default collate batches:
+
+- ``image``: float32 ``[3, H, W]`` in [0, 1], NOT normalised. The model's feature extractor
+  (``lightning_modules.components.backbone.FeatureExtractor``) normalises with its weights' own mean/std.
+- ``label``: int, 0 normal, 1 anomalous (-1 where labels are hidden, see ``AnomalyDataset``).
+- ``mask``: float32 ``[1, H, W]`` in {0, 1}; all zeros for normals and where no mask exists.
+- ``has_mask``: bool, False when the dataset has no pixel ground truth for this sample.
+- ``defect_type``: str, ``"good"`` for normals.
+- ``domain``: str, the category/domain name; ``domain_index``: int, its index in the domain list.
+- ``path``: str, the image file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.readers import Sample
+from datamodules.shifts import Shift
+
+UNLABELLED = -1
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]``; grayscale files are replicated to 3 channels."""
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image {path!r}: missing, corrupt or not an image file")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str, image_path: str, image_shape: tuple[int, int]) -> np.ndarray:
+    """Binary uint8 mask ``[H, W]`` (any value > 0 is a defect), checked to be the image's size."""
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"cannot read mask {path!r}: missing, corrupt or not an image file")
+    if mask.shape != image_shape:
+        raise ValueError(f"mask {path!r} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path!r} "
+                         f"is {image_shape[1]}x{image_shape[0]}; a mask must have its image's size")
+    return (mask > 0).astype(np.uint8)
+
+
+def build_resize(image_size: int, resize_size: int | None = None) -> A.Compose:
+    """Resize image and mask together (mask nearest) to ``image_size``, or to ``resize_size`` and then
+    centre-crop ``image_size``."""
+    if resize_size is None:
+        steps = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)]
+    else:
+        if resize_size < image_size:
+            raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size} to centre-crop")
+        steps = [A.Resize(resize_size, resize_size, interpolation=cv2.INTER_AREA,
+                          mask_interpolation=cv2.INTER_NEAREST),
+                 A.CenterCrop(image_size, image_size)]
+    return A.Compose(steps)
+
+
+class AnomalyDataset(Dataset):
+    """Samples loaded from disk, resized, passed through one domain ``shift``, returned as the sample dict.
+
+    Args:
+        samples: the images and their annotations.
+        domains: the DataModule's domain list; ``domain_index`` is a sample's domain's index in it.
+        shift: the domain shift applied to every image (never to masks).
+        image_size: side of the square output.
+        resize_size: if set, resize to this side first and centre-crop ``image_size``.
+        hide_labels: return label -1, an empty mask, has_mask False and defect_type "unlabelled", for
+            unlabelled target data in domain adaptation.
+    """
+
+    def __init__(self, samples: Sequence[Sample], domains: Sequence[str], shift: Shift, image_size: int,
+                 resize_size: int | None = None, hide_labels: bool = False) -> None:
+        unknown = sorted({s.domain for s in samples} - set(domains))
+        if unknown:
+            raise ValueError(f"samples of domain(s) {unknown} are not in the domain list {list(domains)}")
+        self.samples = list(samples)
+        self.domains = list(domains)
+        self.shift = shift
+        self.image_size = image_size
+        self.resize = build_resize(image_size, resize_size)
+        self.hide_labels = hide_labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_image(sample.image_path)
+        if sample.mask_path is not None:
+            mask = read_mask(sample.mask_path, sample.image_path, image.shape[:2])
+        else:
+            mask = np.zeros(image.shape[:2], dtype=np.uint8)
+        resized = self.resize(image=image, mask=mask)
+        image = self.shift(resized["image"])
+        labelled = not self.hide_labels
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
+            "label": sample.label if labelled else UNLABELLED,
+            "mask": torch.from_numpy(resized["mask"]).float()[None] * float(labelled),
+            "has_mask": sample.has_mask and labelled,
+            "defect_type": sample.defect_type if labelled else "unlabelled",
+            "domain": sample.domain,
+            "domain_index": self.domains.index(sample.domain),
+            "path": sample.image_path,
+        }

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from datamodules import LODODataModule
+from datamodules.surfaces import SURFACES_CATEGORIES
+
+DOMAINS = ["brick", "grass", "wood"]
+
+
+def make(root, **kwargs):
+    kwargs = {"image_size": 32, "batch_size": 4, "num_references": 3, **kwargs}
+    dm = LODODataModule(root=str(root), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_training_episodes_pair_queries_with_normals_of_their_own_domain(surfaces_root):
+    dm = make(surfaces_root, domains=DOMAINS, held_out="wood")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["references"].shape == (4, 3, 3, 32, 32) and batch["query"]["image"].shape == (4, 3, 32, 32)
+    queries = {s.image_path: s for s in dm.train_dataset.queries.samples}
+    assert {s.domain for s in queries.values()} == {"brick", "grass"}
+    assert {s.label for s in queries.values()} == {0, 1}
+    for index in range(len(dm.train_dataset)):
+        episode = dm.train_dataset[index]
+        for reference in episode["references"]:
+            source = [s for i, s in enumerate(dm.train_dataset.normals.samples)
+                      if torch.equal(dm.train_dataset.normals[i]["image"], reference)]
+            assert source and all(s.domain == episode["query"]["domain"] and s.label == 0 for s in source)
+            assert all(s.image_path != episode["query"]["path"] for s in source)
+        if index == 3:
+            break
+
+
+def test_validation_episodes_are_fixed_and_held_out(surfaces_root):
+    dm = make(surfaces_root, domains=DOMAINS, held_out="wood", val_fraction=0.2)
+    first, second = next(iter(dm.val_dataloader())), next(iter(dm.val_dataloader()))
+    assert torch.equal(first["references"], second["references"])
+    val = {s.image_path for s in dm.val_dataset.queries.samples}
+    assert val and not val & {s.image_path for s in dm.train_dataset.queries.samples}
+
+
+def test_test_and_references_come_only_from_the_held_out_domain(surfaces_root):
+    dm = make(surfaces_root, domains=DOMAINS, held_out="grass", reference_fraction=0.5)
+    test = next(iter(dm._loader(dm.test_dataset, batch_size=len(dm.test_dataset))))
+    assert set(test["domain"]) == {"grass"} and (test["domain_index"] == 1).all()
+    assert set(test["label"].tolist()) == {0, 1}
+    references = dm.reference_dataset().samples
+    assert len(references) == 6 and all(s.domain == "grass" and "/train/good/" in s.image_path for s in references)
+    assert dm.reference_images().shape == (6, 3, 32, 32)
+    assert {s.image_path for s in references} != {s.image_path for s in make(
+        surfaces_root, domains=DOMAINS, held_out="grass", reference_fraction=0.5, seed=1).reference_dataset().samples}
+    assert dm.run_tag == "surfaces-lodo-grass-ref50"
+    assert dm.describe()["held_out"] == "grass" and dm.describe()["reference_fraction"] == 0.5
+
+
+def test_default_domains_are_every_surfaces_category(surfaces_root):
+    dm = LODODataModule(root=str(surfaces_root), held_out="woven")
+    assert dm.domains == list(SURFACES_CATEGORIES) and "woven" not in dm.source_domains
+
+
+def test_cross_dataset_held_out(mvtec_root, btad_root):
+    dm = make(mvtec_root, dataset="mvtec", domains=["bottle", "carpet", "01"], held_out="01",
+              held_out_dataset="btad", held_out_root=str(btad_root))
+    assert {s.domain for s in dm.test_dataset.samples} == {"01"}
+    assert all(p.endswith(".bmp") for p in (s.image_path for s in dm.test_dataset.samples))
+    assert dm.run_tag == "mvtec-to-btad-lodo-01-ref100"
+
+
+def test_bad_lodo_arguments(surfaces_root, tmp_path):
+    with pytest.raises(ValueError, match="held_out='tile' is not in domains \\['brick', 'grass', 'wood'\\]"):
+        LODODataModule(root=str(surfaces_root), domains=DOMAINS, held_out="tile")
+    with pytest.raises(ValueError, match="reference_fraction must be in \\[0.1, 1.0\\], got 0.05"):
+        LODODataModule(root=str(surfaces_root), domains=DOMAINS, held_out="wood", reference_fraction=0.05)
+    with pytest.raises(ValueError, match="num_references=20 needs at least 21"):
+        make(surfaces_root, domains=DOMAINS, held_out="wood", num_references=20)
+    with pytest.raises(FileNotFoundError, match="btad root .*missing.* does not exist"):
+        LODODataModule(dataset="surfaces", root=str(surfaces_root), domains=["brick", "01"], held_out="01",
+                       held_out_dataset="btad", held_out_root=str(tmp_path / "missing"))
