@@ -1,5 +1,22 @@
-"""ShiftAD methods: each a plain ``nn.Module`` (torch model) and a thin LightningModule around it."""
+"""ShiftAD methods: each a plain ``nn.Module`` (torch model) and a thin LightningModule around it.
+
+Importing this package registers every method for ``python cli.py --help`` and short class names.
+"""
 
 from lightning_modules.base import AnomalyDetectionModule, ShiftADModule
+from lightning_modules.densehybrid import DenseHybridAD
+from lightning_modules.gmm_pretrain import GMMPretrain, GMMPretrainDataModule
+from lightning_modules.meta_comparer import KNNPatchBaseline, MetaComparer, MetaComparerAggregate
+from lightning_modules.padim import Padim
 
-__all__ = ["AnomalyDetectionModule", "ShiftADModule"]
+__all__ = [
+    "AnomalyDetectionModule",
+    "DenseHybridAD",
+    "GMMPretrain",
+    "GMMPretrainDataModule",
+    "KNNPatchBaseline",
+    "MetaComparer",
+    "MetaComparerAggregate",
+    "Padim",
+    "ShiftADModule",
+]

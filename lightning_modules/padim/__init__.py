@@ -1,0 +1,6 @@
+"""PaDiM: per-position Gaussians of frozen CNN features, Mahalanobis anomaly maps."""
+
+from lightning_modules.padim.lightning_model import Padim
+from lightning_modules.padim.torch_model import NotFittedError, PadimModel
+
+__all__ = ["NotFittedError", "Padim", "PadimModel"]

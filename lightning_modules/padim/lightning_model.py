@@ -1,0 +1,85 @@
+"""PaDiM as a ShiftAD anomaly detector: "training" is one pass of statistics, with no optimizer."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DistributedSampler
+
+from lightning_modules.base import AnomalyDetectionModule
+from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.frozen_ddp import FROZEN_DDP, FrozenModelDDPStrategy
+from lightning_modules.padim.torch_model import PadimModel
+
+
+class Padim(AnomalyDetectionModule):
+    """PaDiM on any shared-builder backbone.
+
+    Fit with ``trainer.max_epochs: 1``: the training images are accumulated into per-position sums,
+    which are all-reduced across processes after the last batch of the epoch and turned into Gaussians;
+    validation (held-out normals) then logs ``val/normal_score``, their mean image score. A further
+    epoch starts the sums afresh. Data parallel: ``--trainer.strategy ddp_frozen``.
+
+    Args:
+        backbone: ``{name, pretrained, weights}`` of the shared builder.
+        layers: three layers, module names or timm feature-stage indices (default: stages 1-3, ResNet's
+            layer1-3; for efficientnet_lite0 blocks.1, blocks.2, blocks.4).
+        num_features: size of the random channel subset (Rd100 for ResNet-18, Rd550 for WRN-50).
+        feature_seed: seed of the random channel subset (named apart from the data's ``seed``).
+        covariance_eps: ε of Σ + ε·I.
+        blur_sigma: σ of the anomaly-map blur, in input pixels.
+    """
+
+    method_name = "padim"
+
+    def __init__(self, backbone: BackboneSpec | None = None, layers: list[str | int] | None = None,
+                 num_features: int = 100, feature_seed: int = 0, covariance_eps: float = 0.01, blur_sigma: float = 4.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
+                                covariance_eps, blur_sigma)
+        self._seen_on_rank = 0
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and not isinstance(strategy, FrozenModelDDPStrategy):
+            raise ValueError(f"PaDiM has no trainable parameters, which torch's DistributedDataParallel refuses; "
+                             f"use --trainer.strategy {FROZEN_DDP} (or --config configs/padim/ddp.yaml) instead of "
+                             f"{type(strategy).__name__}")
+
+    def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images)
+
+    def on_train_epoch_start(self) -> None:
+        self.model.reset_statistics()
+        self._seen_on_rank = 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        keep = self._not_padding(images.shape[0]).to(images.device)
+        with torch.no_grad():
+            self.model.accumulate(self.model.embed(images[keep]))
+
+    def _not_padding(self, batch_size: int) -> torch.Tensor:
+        """Which samples of the batch are real: a DistributedSampler repeats samples so that every process
+        gets as many; counting them twice would make 2 processes differ from 1."""
+        positions = self._seen_on_rank + torch.arange(batch_size)
+        self._seen_on_rank += batch_size
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return torch.ones(batch_size, dtype=torch.bool)
+        # Sample j of rank r is entry j·W + r of the padded index list; entries from N on are repeats.
+        return positions * sampler.num_replicas + sampler.rank < len(sampler.dataset)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self.model.reduce_statistics(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            self.log("train/images", self.model.count.float(), rank_zero_only=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not self.model.is_fitted:  # the sanity check runs before the fit
+            return
+        scores, _ = self.model(batch["image"])
+        self.log("val/normal_score", scores.mean(), sync_dist=True, batch_size=scores.shape[0])

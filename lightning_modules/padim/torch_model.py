@@ -1,0 +1,157 @@
+"""PaDiM (Defard et al., 2021): a Gaussian per feature-map position, Mahalanobis distance as anomaly map.
+
+The training statistics are the float64 sums N, Σx and Σxxᵀ per position, accumulated batch by batch, so
+memory does not grow with the number of training images. The Gaussians (mean μ, and the Cholesky factor
+L of Σ + ε·I) are derived from the sums when first needed and cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+
+# The statistics' shapes depend on the feature grid, known only once images arrive.
+STATISTICS = ("feature_sum", "outer_sum")
+
+
+class NotFittedError(RuntimeError):
+    """The Gaussians were asked for before any training image was accumulated."""
+
+
+class PadimModel(nn.Module):
+    """Frozen feature extractor + per-position Gaussians.
+
+    Args:
+        backbone: any shared-builder backbone (ImageNet, or a GMM-pretrained ``weights`` file).
+        layers: the three layers whose outputs are concatenated, at the first one's resolution
+            (ResNet layer1-3 = timm feature stages 1, 2, 3).
+        num_features: size of the fixed random channel subset (ResNet-18: 100 of 448; WRN-50: 550 of 1792).
+        seed: seed of the channel subset.
+        covariance_eps: ε added to the covariance diagonal.
+        blur_sigma: σ (pixels of the input image) of the Gaussian blur of the anomaly map.
+    """
+
+    def __init__(self, backbone: BackboneSpec, layers: list[str | int], num_features: int, seed: int = 0,
+                 covariance_eps: float = 0.01, blur_sigma: float = 4.0) -> None:
+        super().__init__()
+        self.extractor = FeatureExtractor(backbone, layers)
+        total = sum(self.extractor.out_channels)
+        if not 0 < num_features <= total:
+            raise ValueError(f"num_features must be in [1, {total}] (the channels of layers {self.extractor.layers}"
+                             f" of {backbone.name}), got {num_features}")
+        if covariance_eps <= 0 or blur_sigma < 0:
+            raise ValueError(f"need covariance_eps > 0 and blur_sigma >= 0, got {covariance_eps}, {blur_sigma}")
+        self.covariance_eps = covariance_eps
+        self.blur_sigma = blur_sigma
+        subset = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_features]
+        self.register_buffer("channel_index", subset.sort().values)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))  # N
+        self.register_buffer("feature_sum", torch.zeros(0, dtype=torch.float64))  # Σx [P, D]
+        self.register_buffer("outer_sum", torch.zeros(0, dtype=torch.float64))  # Σxxᵀ [P, D, D]
+        self.register_buffer("grid_shape", torch.zeros(2, dtype=torch.long))  # (h, w) of the feature map
+        self.register_buffer("mean", torch.zeros(0), persistent=False)  # μ [P, D]
+        self.register_buffer("cholesky", torch.zeros(0), persistent=False)  # L, LLᵀ = Σ + εI, [P, D, D]
+        self._gaussians_stale = True
+
+    # ------------------------------------------------------------------------------------------ features
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> embedding [B, D, h, w] at the first layer's resolution."""
+        maps = list(self.extractor(images).values())
+        grid = maps[0].shape[-2:]
+        stacked = torch.cat([maps[0]] + [F.interpolate(m, size=grid, mode="nearest") for m in maps[1:]], dim=1)
+        return stacked.index_select(1, self.channel_index)
+
+    # ------------------------------------------------------------------------------------------ statistics
+
+    def reset_statistics(self) -> None:
+        self.count.zero_()
+        self.feature_sum = self.feature_sum.new_zeros(0)
+        self.outer_sum = self.outer_sum.new_zeros(0)
+        self.grid_shape.zero_()
+        self._gaussians_stale = True
+
+    @torch.no_grad()
+    def accumulate(self, embedding: torch.Tensor) -> None:
+        """Adds a batch of embeddings [B, D, h, w] to N, Σx and Σxxᵀ (float64)."""
+        if self.count == 0:
+            positions, dim = embedding.shape[-2] * embedding.shape[-1], embedding.shape[1]
+            self.feature_sum = embedding.new_zeros(positions, dim, dtype=torch.float64)
+            self.outer_sum = embedding.new_zeros(positions, dim, dim, dtype=torch.float64)
+            self.grid_shape.copy_(torch.tensor(embedding.shape[-2:]))
+        self._check_grid(embedding)
+        x = embedding.flatten(2).permute(2, 0, 1).to(torch.float64)  # [P, B, D]
+        self.count += x.shape[1]
+        self.feature_sum += x.sum(dim=1)
+        self.outer_sum += x.transpose(1, 2) @ x
+        self._gaussians_stale = True
+
+    def reduce_statistics(self, reduce_sum) -> None:
+        """Replaces the sums by ``reduce_sum`` of them (the sum over data-parallel processes)."""
+        for name in ("count", *STATISTICS):
+            setattr(self, name, reduce_sum(getattr(self, name)))
+        self._gaussians_stale = True
+
+    def _check_grid(self, embedding: torch.Tensor) -> None:
+        fitted = tuple(self.grid_shape.tolist())
+        if tuple(embedding.shape[-2:]) != fitted:
+            raise ValueError(f"PaDiM's Gaussians are for a {fitted[0]}x{fitted[1]} feature grid, but these images "
+                             f"give {embedding.shape[-2]}x{embedding.shape[-1]}: use the image size of the fit")
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.count > 1)
+
+    @torch.no_grad()
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariance from the sums, + ε·I, float64 [P, D, D]."""
+        n = self.count
+        mean = self.feature_sum / n
+        cov = (self.outer_sum - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        return cov + self.covariance_eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+
+    @torch.no_grad()
+    def _update_gaussians(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"PaDiM has seen {int(self.count)} training images; it needs at least 2 "
+                                 "(run fit first, or load a fitted checkpoint)")
+        self.mean = (self.feature_sum / self.count).float()
+        self.cholesky = torch.linalg.cholesky(self.covariance()).float()
+        self._gaussians_stale = False
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Distance of each position's feature to its Gaussian: [B, D, h, w] -> [B, h, w] (float32)."""
+        if self._gaussians_stale:
+            self._update_gaussians()
+        self._check_grid(embedding)
+        with torch.autocast(embedding.device.type, enabled=False):
+            centred = embedding.flatten(2).float().permute(2, 1, 0) - self.mean[:, :, None]  # [P, D, B]
+            # ‖L⁻¹(x - μ)‖ = √((x - μ)ᵀ Σ⁻¹ (x - μ)), one triangular solve per position.
+            whitened = torch.linalg.solve_triangular(self.cholesky, centred, upper=False)
+            distance = whitened.square().sum(dim=1).clamp_min(0).sqrt()  # [P, B]
+        return distance.T.reshape(embedding.shape[0], *embedding.shape[-2:])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (image scores [B] = max of the map, anomaly maps [B, H, W])."""
+        distance = self.mahalanobis(self.embed(images))
+        maps = F.interpolate(distance[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if self.blur_sigma > 0:
+            kernel = 2 * int(4 * self.blur_sigma + 0.5) + 1  # 33 for σ = 4
+            maps = gaussian_blur(maps, [kernel, kernel], [self.blur_sigma, self.blur_sigma])
+        maps = maps[:, 0]
+        return maps.flatten(1).amax(dim=1), maps
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Give the lazily shaped statistics the saved shapes before the copy.
+        for name in STATISTICS:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        self._gaussians_stale = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
