@@ -1,0 +1,23 @@
+"""Co-attention meta-comparer with ranking loss (paper 002), its ``aggregate`` ablation and a k-NN baseline."""
+
+from lightning_modules.meta_comparer.lightning_model import (
+    KNNPatchBaseline,
+    MetaComparer,
+    MetaComparerAggregate,
+)
+from lightning_modules.meta_comparer.torch_model import (
+    CoAttention,
+    FactorisedComparer,
+    MetaComparerModel,
+    MultiScalePatchEncoder,
+)
+
+__all__ = [
+    "CoAttention",
+    "FactorisedComparer",
+    "KNNPatchBaseline",
+    "MetaComparer",
+    "MetaComparerAggregate",
+    "MetaComparerModel",
+    "MultiScalePatchEncoder",
+]
