@@ -4,6 +4,7 @@ Importing this package registers every method for ``python cli.py --help`` and s
 """
 
 from lightning_modules.base import AnomalyDetectionModule, ShiftADModule
+from lightning_modules.csflow import CSFlow, CSFlowAdaptation
 from lightning_modules.densehybrid import DenseHybridAD
 from lightning_modules.gmm_pretrain import GMMPretrain, GMMPretrainDataModule
 from lightning_modules.meta_comparer import KNNPatchBaseline, MetaComparer, MetaComparerAggregate
@@ -11,6 +12,8 @@ from lightning_modules.padim import Padim
 
 __all__ = [
     "AnomalyDetectionModule",
+    "CSFlow",
+    "CSFlowAdaptation",
     "DenseHybridAD",
     "GMMPretrain",
     "GMMPretrainDataModule",

@@ -1,0 +1,181 @@
+"""CS-Flow LightningModules: phase 1 (flow on frozen, cached features) and phase 2 (few-shot extractor adaptation).
+
+Phase 1, :class:`CSFlow`: the extractor is frozen, so each training image's 3-scale features are computed
+once and reused every later epoch; the flow learns the normal feature density. The Figure-4 baselines of
+paper 001 are this same module on other training sets (source, full target, k target shots, source + k).
+
+Phase 2, :class:`CSFlowAdaptation`: a phase-1 checkpoint is loaded, the flow and the later extractor blocks
+are frozen, and the first N MBConv blocks minimise the same NLL on the k target normal shots, so the flow
+(a density of *source* features) pulls the target features back onto the source manifold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from lightning_modules.base import AnomalyDetectionModule
+from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
+
+
+def _as_spec(backbone: BackboneSpec | dict) -> BackboneSpec:
+    return backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
+
+
+class FeatureCache:
+    """3-scale features of training images keyed by a digest of the image's pixels.
+
+    Valid only while the extractor is frozen: the features are then a pure function of the pixels.
+    Keyed by content, not path, because ``source+target_shots`` holds one file under two shifts.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def keys(images: torch.Tensor) -> list[str]:
+        flat = images.detach().cpu().contiguous().numpy()
+        return [hashlib.sha1(image.tobytes()).hexdigest() for image in flat]
+
+    def features(self, images: torch.Tensor, extract) -> list[torch.Tensor]:
+        keys = self.keys(images)
+        missing = [i for i, key in enumerate(keys) if key not in self.entries]
+        if missing:
+            with torch.no_grad():
+                fresh = extract(images[missing])
+            for row, index in enumerate(missing):
+                self.entries[keys[index]] = [f[row].float().cpu() for f in fresh]
+        return [torch.stack([self.entries[key][scale] for key in keys]).to(images.device)
+                for scale in range(len(self.entries[keys[0]]))]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class CSFlowDetector(AnomalyDetectionModule):
+    """What both phases share: the NLL step, validation NLL and the test-time scores."""
+
+    model: CSFlowModel
+
+    def setup(self, stage: str) -> None:
+        data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer is not None else None
+        if data_size is not None and data_size != self.model.image_size:
+            raise ValueError(f"data image_size={data_size} but the flow was built for image_size="
+                             f"{self.model.image_size}; set model.init_args.image_size (phase 1) or "
+                             f"data.init_args.image_size to the same side")
+
+    def nll_terms(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        z, log_det = self.model.flow(features)
+        return {"nll": self.model.nll(z, log_det).mean()}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        terms = self.nll_terms(self.model.features(batch["image"]))
+        self.log("val/nll", terms["nll"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, _ = self.model.flow(self.model.features(images))
+        return self.model.anomaly_scores(z, images.shape[-2:])
+
+
+class CSFlow(CSFlowDetector):
+    """Phase 1: CS-Flow trained on normal images with the extractor frozen.
+
+    Args:
+        backbone: extractor backbone (``{name, pretrained, weights}``).
+        layer: feature block (Lite0: ``blocks.5.3``; B5: ``blocks.5.8``).
+        image_size: input side; must equal the DataModule's ``image_size``.
+        hidden_channels: flow subnetwork width (paper 1024).
+        kernel_sizes: one flow block per kernel (paper 3, 3, 3, 5).
+        clamp: soft clamp of the log-scales (paper 3).
+        cache_features: compute each training image's features once and reuse them.
+        **kwargs: ``optimizer``, ``scheduler``, ``aupro_fpr_limit``, ``num_map_examples``.
+    """
+
+    method_name = "csflow"
+
+    def __init__(self, backbone: BackboneSpec | dict | None = None, layer: str = "blocks.5.3", image_size: int = 768,
+                 hidden_channels: int = 1024, kernel_sizes: list[int] | None = None, clamp: float = 3.0,
+                 cache_features: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        spec = _as_spec(backbone or BackboneSpec())
+        kernel_sizes = list(kernel_sizes or [3, 3, 3, 5])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Plain types only, so a phase-1 checkpoint loads with weights_only=True.
+        self.hparams.update(backbone=dataclasses.asdict(spec), kernel_sizes=kernel_sizes)
+        self.model = CSFlowModel(spec, layer, image_size, hidden_channels, kernel_sizes, clamp)
+        self.model.extractor.set_trainable([])
+        self.feature_cache = FeatureCache() if cache_features else None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        if self.feature_cache is not None:
+            features = self.feature_cache.features(images, self.model.features)
+        else:
+            with torch.no_grad():
+                features = self.model.features(images)
+        return self.checked_total(self.nll_terms(features))
+
+
+ARCHITECTURE_KEYS = ("backbone", "layer", "image_size", "hidden_channels", "kernel_sizes", "clamp")
+
+
+def load_source_model(source_checkpoint: str | Path) -> CSFlowModel:
+    """The CS-Flow model of a phase-1 (:class:`CSFlow`) checkpoint, rebuilt from its own hyperparameters."""
+    path = Path(source_checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"source_checkpoint {str(path)!r} does not exist; pass the last.ckpt of a "
+                                f"phase-1 run (configs/csflow/source_*.yaml)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    method = checkpoint.get("shiftad_method")
+    if method != CSFlow.__name__:
+        raise ValueError(f"source_checkpoint {str(path)!r} was written by {method!r}; phase 2 needs a phase-1 "
+                         f"{CSFlow.__name__!r} checkpoint")
+    hparams = checkpoint["hyper_parameters"]
+    architecture = {key: hparams[key] for key in ARCHITECTURE_KEYS}
+    model = CSFlowModel(_as_spec(architecture.pop("backbone")), **architecture)
+    state = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
+             if key.startswith("model.")}
+    model.load_state_dict(state)
+    return model
+
+
+class CSFlowAdaptation(CSFlowDetector):
+    """Phase 2: adapt the first MBConv blocks of a trained CS-Flow's extractor to k target normals, flow frozen.
+
+    Args:
+        source_checkpoint: ``last.ckpt`` of a phase-1 :class:`CSFlow` run (loaded with ``weights_only=True``).
+        adapt_blocks: N, how many of the first MBConv blocks are updated (paper 001: 5).
+        adapt_stem: also update the stem convolution and its BatchNorm.
+        bn_policy: ``batch``: the adapted blocks' BatchNorm uses batch statistics while adapting (and
+            updates its running statistics); ``frozen``: it keeps the source statistics.
+        **kwargs: ``optimizer`` (e.g. Adam lr 1e-4), ``scheduler``, ``aupro_fpr_limit``, ``num_map_examples``.
+
+    Steps are the Trainer's ``max_steps``; every step sees its k images at 3 scales.
+    """
+
+    method_name = "csflow_adapt"
+
+    def __init__(self, source_checkpoint: str, adapt_blocks: int = 5, adapt_stem: bool = False,
+                 bn_policy: BNPolicy = "batch", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if bn_policy not in ("batch", "frozen"):
+            raise ValueError(f"bn_policy must be 'batch' or 'frozen', got {bn_policy!r}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = load_source_model(source_checkpoint)
+        self.adapted_modules = self.model.set_adaptable_blocks(adapt_blocks, adapt_stem)
+        self.bn_policy = bn_policy
+        # Lightning keeps the modes modules have at fit start, so the BN policy applies from here on.
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CSFlowAdaptation:
+        super().train(mode)
+        if self.bn_policy == "frozen":
+            self.model.freeze_adapted_batchnorm()
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.checked_total(self.nll_terms(self.model.features(batch["image"])))

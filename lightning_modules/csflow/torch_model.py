@@ -1,0 +1,96 @@
+"""CS-Flow as a plain torch model: a 3-scale feature extractor and a cross-scale normalizing flow.
+
+Paper 001 (few-shot adaptation of CS-Flow to a domain shift) and Rudolph et al. (CS-Flow):
+y_s = f_FE(x at scale s) for s in (1, 1/2, 1/4); (z, log|det J|) = f_NF(y);
+NLL = (0.5·Σz² − log|det J|) / D per sample; image score = mean z²/2; map = channel-mean z² (largest scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.cross_scale_flow import CrossScaleFlow
+
+SCALES = (1.0, 0.5, 0.25)
+BNPolicy = Literal["batch", "frozen"]
+
+
+def mbconv_block_names(extractor: FeatureExtractor) -> list[str]:
+    """The extractor's MBConv blocks in forward order (``blocks.<stage>.<index>``)."""
+    names = [name for name, _ in extractor.body.named_modules() if name.count(".") == 2 and name.startswith("blocks.")]
+    return sorted(names, key=lambda name: tuple(int(part) for part in name.split(".")[1:]))
+
+
+class CSFlowModel(nn.Module):
+    """Feature extractor at 3 scales + cross-scale flow.
+
+    Args:
+        backbone: the EfficientNet (paper: ``efficientnet_b5``; offline default: packaged ``efficientnet_lite0``).
+        layer: the block whose output is the feature map (paper: ``blocks.5.<last>`` of B5, 304 channels;
+            Lite0's analogue: ``blocks.5.3``, 192 channels).
+        image_size: side of the (square) input images; the flow's shapes are built for it.
+        hidden_channels: subnetwork width (1024 in the paper).
+        kernel_sizes: one flow block per kernel size (paper: 3, 3, 3, 5).
+        clamp: soft-clamp bound of the coupling log-scales (3).
+    """
+
+    def __init__(self, backbone: BackboneSpec, layer: str = "blocks.5.3", image_size: int = 768,
+                 hidden_channels: int = 1024, kernel_sizes: Sequence[int] = (3, 3, 3, 5), clamp: float = 3.0) -> None:
+        super().__init__()
+        self.layer = layer
+        self.image_size = image_size
+        self.extractor = FeatureExtractor(backbone, [layer])
+        shapes = [tuple(f.shape[1:]) for f in self._probe_shapes(image_size)]
+        if min(min(shape[1:]) for shape in shapes) < 1:
+            raise ValueError(f"image_size={image_size} is too small for layer {layer!r}: feature shapes {shapes}")
+        self.flow = CrossScaleFlow(shapes, hidden_channels, kernel_sizes, clamp)
+
+    def _probe_shapes(self, image_size: int) -> list[torch.Tensor]:
+        was_training = self.extractor.training
+        with torch.no_grad():
+            features = self.features(torch.zeros(1, 3, image_size, image_size), self.extractor.eval())
+        self.extractor.train(was_training)
+        return features
+
+    def features(self, images: torch.Tensor, extractor: FeatureExtractor | None = None) -> list[torch.Tensor]:
+        """images [B, 3, H, W] in [0, 1] -> y per scale, largest first."""
+        extractor = extractor or self.extractor
+        scaled = [images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                          align_corners=False, antialias=True)
+                  for scale in SCALES]
+        return [extractor(x)[self.layer] for x in scaled]
+
+    def nll(self, z: Sequence[torch.Tensor], log_det: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood per dimension, (0.5·Σz² − log|det J|) / D -> [B]."""
+        squared = sum(t.pow(2).flatten(1).sum(1) for t in z)
+        return (0.5 * squared - log_det) / self.flow.dims
+
+    def anomaly_scores(self, z: Sequence[torch.Tensor], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image score = mean of z²/2 over every scale [B], map = channel-mean z² of scale 1 upsampled [B, H, W])."""
+        scores = 0.5 * torch.cat([t.pow(2).flatten(1) for t in z], dim=1).mean(1)
+        maps = z[0].pow(2).mean(1, keepdim=True)
+        maps = F.interpolate(maps, size=image_size, mode="bilinear", align_corners=False)[:, 0]
+        return scores, maps
+
+    def set_adaptable_blocks(self, count: int, include_stem: bool = False) -> list[str]:
+        """Freeze the flow and the extractor except its first ``count`` MBConv blocks (and the stem if asked);
+        returns the trainable module names."""
+        blocks = mbconv_block_names(self.extractor)
+        if not 0 < count <= len(blocks):
+            raise ValueError(f"adapt_blocks must be in [1, {len(blocks)}] for this backbone, got {count}")
+        trainable = (["conv_stem", "bn1"] if include_stem else []) + blocks[:count]
+        self.extractor.set_trainable(trainable)
+        self.flow.requires_grad_(False)
+        return trainable
+
+    def freeze_adapted_batchnorm(self) -> None:
+        """BN policy ``frozen``: the adapted blocks keep the source running statistics (eval mode)."""
+        for module in self.extractor.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
