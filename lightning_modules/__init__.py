@@ -5,6 +5,7 @@ Importing this package registers every method for ``python cli.py --help`` and s
 
 from lightning_modules.base import AnomalyDetectionModule, ShiftADModule
 from lightning_modules.csflow import CSFlow, CSFlowAdaptation
+from lightning_modules.dann import DANN
 from lightning_modules.densehybrid import DenseHybridAD
 from lightning_modules.gmm_pretrain import GMMPretrain, GMMPretrainDataModule
 from lightning_modules.meta_comparer import KNNPatchBaseline, MetaComparer, MetaComparerAggregate
@@ -14,6 +15,7 @@ __all__ = [
     "AnomalyDetectionModule",
     "CSFlow",
     "CSFlowAdaptation",
+    "DANN",
     "DenseHybridAD",
     "GMMPretrain",
     "GMMPretrainDataModule",

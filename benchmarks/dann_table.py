@@ -1,0 +1,153 @@
+"""Paper 000's Table 2 on the embedded "surfaces" data: target accuracy of source_only, adabn, dann, adda.
+
+Every job is one ``python cli.py fit ... --run.test_after_fit true`` with ``configs/dann/surfaces_<mode>.yaml``
+(model selection on the source val split), run one at a time. Directions: ``gray_to_rgb`` (paper 000:
+labelled grayscale source, unlabelled RGB target) and ``rgb_to_gray``. Seeds change the training seed
+(``seed_everything``); the data split stays ``data.seed = 0`` so every seed is scored on the same images.
+
+    python benchmarks/dann_table.py --out docs/results/dann_table            # full: 6 categories x 3 seeds
+    python benchmarks/dann_table.py --quick --out runs/dann_table_quick       # 2 categories, 1 seed
+
+Results are appended to ``<out>.json`` after every job, and a job already there is skipped, so an
+interrupted sweep continues where it stopped. ``<out>.md`` holds the tables (mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from datamodules.surfaces import SURFACES_CATEGORIES  # noqa: E402
+
+MODES = ("source_only", "adabn", "dann", "adda")
+DIRECTIONS = {"gray_to_rgb": ("gray", "null"), "rgb_to_gray": ("null", "gray")}
+
+
+def job_key(direction: str, category: str, mode: str, seed: int) -> str:
+    return f"{direction}/{category}/{mode}/{seed}"
+
+
+def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.Namespace) -> dict:
+    source_shift, target_shift = DIRECTIONS[direction]
+    run_root = Path(args.run_root) / direction / mode / f"seed{seed}"
+    command = [
+        sys.executable, "cli.py", "fit", "--config", "configs/trainer/default.yaml",
+        "--config", f"configs/dann/surfaces_{mode}.yaml",
+        "--data.init_args.category", category, "--data.init_args.source_shift", source_shift,
+        "--data.init_args.target_shift", target_shift, "--data.init_args.image_size", str(args.image_size),
+        "--seed_everything", str(seed), "--run.root", str(run_root), "--run.wandb", "false",
+        "--run.test_after_fit", "true", "--trainer.enable_progress_bar", "false",
+        *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra,
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"job {job_key(direction, category, mode, seed)} failed:\n{' '.join(command)}\n"
+                           f"{result.stderr[-4000:]}")
+    newest = max(run_root.glob(f"{mode}/*/version_*/results.json"), key=lambda p: p.stat().st_mtime)
+    metrics = json.loads(newest.read_text())["metrics"]
+    return {"direction": direction, "category": category, "mode": mode, "seed": seed, "seconds": round(seconds, 1),
+            "run_dir": str(newest.parent), "command": " ".join(command[1:]),
+            **{k.removeprefix("test/"): v for k, v in metrics.items()}}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    scaled = [100 * v for v in values]
+    if len(scaled) == 1:
+        return f"{scaled[0]:.2f} (n=1)"
+    return f"{statistics.mean(scaled):.2f} ± {statistics.stdev(scaled):.2f} (n={len(scaled)})"
+
+
+def tables(records: list[dict], modes: tuple[str, ...]) -> str:
+    out = []
+    for direction in DIRECTIONS:
+        rows = [r for r in records if r["direction"] == direction]
+        if not rows:
+            continue
+        categories = [c for c in SURFACES_CATEGORIES if any(r["category"] == c for r in rows)]
+        # The mean row covers the categories every mode has finished for a seed (a cut sweep stays comparable).
+        seeds = sorted({r["seed"] for r in rows})
+        complete = {s: [c for c in categories
+                        if all(any(r["category"] == c and r["mode"] == m and r["seed"] == s for r in rows)
+                               for m in modes)] for s in seeds}
+        for metric, title in (("target_accuracy", "target test accuracy (%)"),
+                              ("target_auroc", "target test AUROC (%)"),
+                              ("source_accuracy", "source test accuracy (%)")):
+            out.append(f"### {direction.replace('_to_', ' → ')}: {title}, mean ± std over seeds\n")
+            out.append("| category | " + " | ".join(modes) + " |")
+            out.append("| --- |" + " --- |" * len(modes))
+            for category in categories:
+                cells = [mean_std([r[metric] for r in rows
+                                   if r["category"] == category and r["mode"] == m and metric in r]) for m in modes]
+                out.append(f"| {category} | " + " | ".join(cells) + " |")
+            cells = []
+            for mode in modes:
+                per_seed = [statistics.mean(r[metric] for r in rows if r["mode"] == mode and r["seed"] == s
+                                            and r["category"] in complete[s] and metric in r)
+                            for s in seeds if complete[s]]
+                cells.append(mean_std(per_seed))
+            covered = sorted({c for s in seeds for c in complete[s]}, key=categories.index)
+            out.append(f"| **mean** ({', '.join(covered) or 'none complete'}) | " + " | ".join(cells) + " |\n")
+    seconds = [r["seconds"] for r in records]
+    if seconds:
+        out.append(f"Fit + test wall time per job: median {statistics.median(seconds):.0f} s "
+                   f"(min {min(seconds):.0f}, max {max(seconds):.0f}, {len(seconds)} jobs).\n")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/dann_table", help="writes <out>.json and <out>.md")
+    parser.add_argument("--run-root", default="runs/dann_table_runs", help="run folders of the jobs")
+    parser.add_argument("--categories", nargs="+", default=list(SURFACES_CATEGORIES), choices=SURFACES_CATEGORIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs of the configs")
+    parser.add_argument("--quick", action="store_true", help="2 categories (brick, woven) and seed 0 only")
+    parser.add_argument("--table-only", action="store_true", help="rewrite <out>.md from <out>.json, run nothing")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more cli.py arguments, last")
+    args = parser.parse_args()
+    if args.quick:
+        args.categories, args.seeds = ["brick", "woven"], [0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ledger = out.with_suffix(".json")
+    records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
+    done = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in records}
+    if args.table_only:
+        out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+        print(tables(records, tuple(args.modes)))
+        return
+    # Seed-major order: a sweep cut short still has whole seeds for every category and mode.
+    for seed in args.seeds:
+        for direction in args.directions:
+            for category in args.categories:
+                for mode in args.modes:
+                    if job_key(direction, category, mode, seed) in done:
+                        continue
+                    record = run_job(direction, category, mode, seed, args)
+                    records.append(record)
+                    print(f"{job_key(direction, category, mode, seed)}: target {record['target_accuracy']:.4f} "
+                          f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
+                    ledger.write_text(json.dumps({"records": records}, indent=1) + "\n")
+                    out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+    print(tables(records, tuple(args.modes)))
+
+
+if __name__ == "__main__":
+    main()
