@@ -122,6 +122,15 @@ class ShiftADDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out validation split (never test images); none when it is empty."""
+        self._require_setup()
+        return self._loader(self.val_dataset) if len(self.val_dataset) else []
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.test_dataset)
+
     def _require_setup(self) -> None:
         if not self._is_set_up:
             raise RuntimeError(f"{type(self).__name__}: call setup() (or let the Trainer do it) first")

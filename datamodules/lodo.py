@@ -173,14 +173,6 @@ class LODODataModule(ShiftADDataModule):
         self._require_setup()
         return self._loader(self.train_dataset, shuffle=True, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        self._require_setup()
-        return self._loader(self.val_dataset) if len(self.val_dataset) else []
-
-    def test_dataloader(self) -> DataLoader:
-        self._require_setup()
-        return self._loader(self.test_dataset)
-
     def reference_dataset(self) -> AnomalyDataset:
         """The held-out domain's reference normals (``reference_fraction`` of its train normals)."""
         self._require_setup()

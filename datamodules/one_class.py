@@ -123,14 +123,6 @@ class OneClassDataModule(ShiftADDataModule):
         self._require_setup()
         return self._loader(self.train_dataset, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        self._require_setup()
-        return self._loader(self.val_dataset) if len(self.val_dataset) else []
-
-    def test_dataloader(self) -> DataLoader:
-        self._require_setup()
-        return self._loader(self.test_dataset)
-
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
