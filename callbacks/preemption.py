@@ -9,14 +9,14 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 #: exit status of a preempted run (128 + SIGTERM), so requeue wrappers can tell it from a finished one.
 PREEMPTED_EXIT_CODE = 143
 
 
 class PreemptionCheckpoint(Callback):
-    """At the first batch end after SIGTERM or SIGUSR1, writes ``last.ckpt`` and stops the run.
+    """At the first batch end after SIGTERM or SIGUSR1, writes ``last.ckpt``; the run then stops once that
+    batch's metrics are logged (Lightning's SIGTERM exit), with status 143.
 
     Lightning already notes SIGTERM (``trainer.received_sigterm``). SIGUSR1 is handled here unless
     SLURM auto-requeue owns it (then Lightning saves an ``hpc_ckpt`` and requeues the job itself,
@@ -56,4 +56,6 @@ class PreemptionCheckpoint(Callback):
             f"Preempted at global step {trainer.global_step}: saved {path}. Continue with the same command and "
             f"--ckpt_path last."
         )
-        raise SIGTERMException()
+        # Every rank stops at the end of this batch, after its metrics are logged (Lightning raises
+        # SIGTERMException there when this flag is set).
+        trainer._signal_connector.received_sigterm = True

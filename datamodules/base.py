@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.dataset import AnomalyDataset
 from datamodules.readers import CategorySamples, Sample, check_categories, check_dataset_name, read_category
+from datamodules.sampling import resumable_loader
 from datamodules.shifts import Shift, check_shift_name
+from datamodules.splits import rng_for
 from datamodules.surfaces import SURFACES_CATEGORIES, default_surfaces_root, ensure_surfaces, is_built
 
 Description = dict[str, str | int | float | None]
@@ -117,10 +119,18 @@ class ShiftADDataModule(LightningDataModule):
         return AnomalyDataset(samples, domains, Shift(shift, self.style_reference), self.image_size,
                               self.resize_size, hide_labels)
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False,
-                batch_size: int | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
+        """An evaluation loader, in dataset order."""
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _train_loader(self, dataset: Dataset, drop_last: bool = False, epoch_batches: int | None = None,
+                      epoch_keys: bool = False, stream: str = "train") -> DataLoader:
+        """Shuffled by (``seed``, ``stream``, epoch); a resumed fit continues the epoch where its checkpoint
+        stopped. Loaders of one epoch get different ``stream`` names so they do not share an order."""
+        seed = int(rng_for(self.seed, "loader", stream).integers(2**31))
+        return resumable_loader(dataset, self.batch_size, seed, self.trainer, drop_last, self.num_workers,
+                                epoch_batches, epoch_keys)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out validation split (never test images); none when it is empty."""

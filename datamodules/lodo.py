@@ -18,17 +18,19 @@ class EpisodeDataset(Dataset):
 
     Item: ``{"query": <sample dict>, "references": float32 [R, 3, H, W]}``; batched by the default
     collate into ``{"query": <batched sample dict>, "references": [B, R, 3, H, W]}``. References are drawn
-    without replacement from the domain's normals, never the query itself: afresh on every call from
-    torch's RNG (which Lightning's ``seed_everything(workers=True)`` seeds per worker), or, with
-    ``fixed_seed``, the same every time (validation).
+    without replacement from the domain's normals, never the query itself, by a generator seeded with
+    (``seed``, ``stream``, key): training keys are ``epoch * len + index`` (``ResumableSampler(epoch_keys=True)``), so
+    every epoch draws afresh and a resumed run draws what the uninterrupted one would; validation uses
+    the plain index, the same references every time.
     """
 
-    def __init__(self, queries: AnomalyDataset, normals: AnomalyDataset, num_references: int,
-                 fixed_seed: int | None = None) -> None:
+    def __init__(self, queries: AnomalyDataset, normals: AnomalyDataset, num_references: int, seed: int,
+                 stream: str) -> None:
         self.queries = queries
         self.normals = normals
         self.num_references = num_references
-        self.fixed_seed = fixed_seed
+        self.seed = seed
+        self.stream = stream
         self.pools: dict[str, list[int]] = {}
         for index, sample in enumerate(normals.samples):
             self.pools.setdefault(sample.domain, []).append(index)
@@ -41,13 +43,10 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, index: int) -> dict:
-        query = self.queries[index]
+    def __getitem__(self, key: int) -> dict:
+        query = self.queries[key % len(self.queries)]
         pool = [i for i in self.pools[query["domain"]] if self.normals.samples[i].image_path != query["path"]]
-        if self.fixed_seed is None:
-            picks = torch.randperm(len(pool))[: self.num_references].tolist()
-        else:
-            picks = rng_for(self.fixed_seed, "references", str(index)).permutation(len(pool))[: self.num_references]
+        picks = rng_for(self.seed, self.stream, "references", str(key)).permutation(len(pool))[: self.num_references]
         references = torch.stack([self.normals[pool[i]]["image"] for i in picks])
         return {"query": query, "references": references}
 
@@ -87,7 +86,7 @@ class LODODataModule(ShiftADDataModule):
         resize_size: resize to this side, then centre-crop ``image_size``; ``None`` resizes directly.
         batch_size: queries per batch.
         num_workers: DataLoader worker processes.
-        seed: seed of the validation split, the validation references and the reference fraction.
+        seed: seed of the validation split, of every reference draw and of the reference fraction.
         source_shift: shift of the source domains; ``None`` is no shift.
         target_shift: shift of the held-out domain; ``None`` is no shift.
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
@@ -160,9 +159,9 @@ class LODODataModule(ShiftADDataModule):
 
         source = self._dataset(normals, self.domains, self.source_shift)
         self.train_dataset = EpisodeDataset(self._dataset(queries, self.domains, self.source_shift), source,
-                                            self.num_references)
+                                            self.num_references, self.seed, "train")
         self.val_dataset = EpisodeDataset(self._dataset(val_queries, self.domains, self.source_shift), source,
-                                          self.num_references, fixed_seed=self.seed)
+                                          self.num_references, self.seed, "val")
         if len(self.train_dataset) < self.batch_size:
             raise ValueError(f"{len(self.train_dataset)} training queries are fewer than batch_size={self.batch_size}; "
                              "with drop_last=True there would be no batch")
@@ -171,7 +170,7 @@ class LODODataModule(ShiftADDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.train_dataset, shuffle=True, drop_last=True)
+        return self._train_loader(self.train_dataset, drop_last=True, epoch_keys=True)
 
     def reference_dataset(self) -> AnomalyDataset:
         """The held-out domain's reference normals (``reference_fraction`` of its train normals)."""

@@ -121,7 +121,7 @@ class OneClassDataModule(ShiftADDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._train_loader(self.train_dataset)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -131,7 +131,7 @@ class OneClassDataModule(ShiftADDataModule):
         self._require_setup()
         if self.target_shots_dataset is None:
             raise ValueError("target_train_dataloader() needs target_shots (k) to be set")
-        return self._loader(self.target_shots_dataset, shuffle=True)
+        return self._train_loader(self.target_shots_dataset)
 
     def describe(self) -> Description:
         return {

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -64,22 +66,51 @@ class ShiftADModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Stops the run, naming the step and the term, when a loss term (or statistic) is NaN or Inf.
+
+        Every process stops together (a process that stopped alone would leave the others waiting).
+        """
+        bad = [(name, value.detach()) for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                return
+        elif not bad:
+            return
+        if bad:
+            name, value = bad[0]
+            shown = value.float().item() if value.numel() == 1 else "non-finite"
+            where = f"loss term {name!r} is {shown}"
+        else:
+            where = "a loss term is non-finite on another process"
+        raise NonFiniteLossError(
+            f"{type(self).__name__}: {where} at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"the run stops here and the last checkpoint is left as it was"
+        )
+
     def checked_total(self, terms: dict[str, torch.Tensor], prefix: str = "train") -> torch.Tensor:
-        """Sums loss terms after checking each is finite, and logs each one."""
-        for name, value in terms.items():
-            if not torch.isfinite(value.detach()).all():
-                raise NonFiniteLossError(
-                    f"{type(self).__name__}: loss term {name!r} is {value.detach().float().item()} at global step "
-                    f"{self.global_step} (epoch {self.current_epoch}); the run stops here and the last "
-                    f"checkpoint is left as it was"
-                )
+        """Sums loss terms after checking each is finite, and logs each one (averaged over processes)."""
+        self.check_finite(terms)
         total = sum(terms.values())
-        self.log_dict({f"{prefix}/{name}": value.detach() for name, value in terms.items()}, prog_bar=False)
-        self.log(f"{prefix}/loss", total.detach(), prog_bar=True)
+        self.log_dict({f"{prefix}/{name}": value.detach() for name, value in terms.items()}, sync_dist=True)
+        self.log(f"{prefix}/loss", total.detach(), prog_bar=True, sync_dist=True)
         return total
 
+    def on_train_start(self) -> None:
+        # Lightning keeps the module modes it finds; a resumed fit (no sanity check before it) must train in the
+        # modes of a fresh one. Each model's train() keeps its frozen parts in eval.
+        self.train()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [name for name, value in checkpoint["state_dict"].items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: not saving a checkpoint at global step {self.global_step}: non-finite "
+                f"values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the last good checkpoint is kept"
+            )
         checkpoint["shiftad_method"] = type(self).__name__
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("shiftad_method")
@@ -88,6 +119,8 @@ class ShiftADModule(LightningModule):
                 f"this checkpoint was written by method {saved!r}, but the model is {type(self).__name__!r}; "
                 f"pick the config of {saved!r} or a checkpoint of {type(self).__name__!r}"
             )
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
 
 class AnomalyDetectionModule(ShiftADModule):
@@ -153,6 +186,31 @@ class AnomalyDetectionModule(ShiftADModule):
         results = {k: v for k, v in results.items() if math.isfinite(v)}
         self.test_results = results
         self.log_dict({f"test/{k}": v for k, v in results.items()})
+
+
+def rng_states() -> dict:
+    """The global RNG states (torch, CUDA, numpy, python) as plain tensors and ints, loadable with
+    ``weights_only=True``; a resumed fit draws what the uninterrupted one would."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "python": {"version": python_version, "state": list(python_state), "gauss": python_gauss},
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gauss"]))
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
 
 
 def freeze(modules: Iterable[torch.nn.Module]) -> None:

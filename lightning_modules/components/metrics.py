@@ -125,9 +125,10 @@ class ScoreCollector(Metric):
         scores, targets, ids = (dim_zero_cat(s) for s in (self.scores, self.targets, self.ids))
         keyed = ids >= 0
         if keyed.any():
+            # One entry per id, in id order: the same samples in the same order on any number of processes.
             _, first = np.unique(ids[keyed].cpu().numpy(), return_index=True)
             keep = torch.cat([torch.nonzero(keyed).flatten()[torch.from_numpy(first).to(ids.device)],
-                              torch.nonzero(~keyed).flatten()]).sort().values
+                              torch.nonzero(~keyed).flatten()])
             scores, targets = scores[keep], targets[keep]
         return scores, targets
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import categories_tag, resolve_root, safe_tag
 from datamodules.dataset import read_image
 from datamodules.readers import read_category
+from datamodules.sampling import resumable_loader
 from lightning_modules.components.gmm_defects import num_outputs, sample_gmm_params
 
 #: scikit-image photographs that none of the "surfaces" categories is cut from (those use brick, grass, gravel).
@@ -67,7 +68,7 @@ class NormalPool:
 
 
 class PseudoDefectPairs(Dataset):
-    """Item i: ``{"normal": [3, S, S] in [0, 1], "theta": flat θ_GMM [K(C+6)+1]}``.
+    """Item i: ``{"normal": [3, S, S] in [0, 1], "theta": flat θ_GMM [K(C+6)+1], "index": i}``.
 
     Args:
         pool: the normal images.
@@ -77,7 +78,7 @@ class PseudoDefectPairs(Dataset):
         num_channels: C (1: grey defects, 3: coloured).
         min_crop: smallest crop side, as a fraction of the image's short side (1.0: the largest square).
         seed: with ``stream``, seeds every item's draw.
-        stream: a name that separates the training and validation items.
+        stream: a name that separates the training, validation and test items.
     """
 
     def __init__(self, pool: NormalPool, length: int, image_size: int, num_gaussians: int, num_channels: int,
@@ -109,7 +110,7 @@ class PseudoDefectPairs(Dataset):
         normal = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         theta = sample_gmm_params(1, self.num_gaussians, self.num_channels, generator=generator).flatten()[0]
-        return {"normal": normal, "theta": theta}
+        return {"normal": normal, "theta": theta, "index": index}
 
 
 class GMMPretrainDataModule(LightningDataModule):
@@ -125,7 +126,8 @@ class GMMPretrainDataModule(LightningDataModule):
         num_gaussians: K (paper: 30). Must match the model's.
         num_channels: C (paper: 3). Must match the model's.
         train_samples: generated training pairs per epoch (paper: 1,000,000).
-        val_samples: fixed validation pairs.
+        val_samples: fixed validation pairs (model selection).
+        test_samples: further fixed pairs for ``cli.py test`` (held-out regression error).
         min_crop: smallest random crop, as a fraction of the short side.
         batch_size: pairs per batch (paper: 64).
         num_workers: DataLoader processes.
@@ -135,11 +137,12 @@ class GMMPretrainDataModule(LightningDataModule):
     def __init__(self, pool: str = SKIMAGE, root: str | None = None, categories: list[str] | None = None,
                  photos: list[str] | None = None, image_size: int = 224, num_gaussians: int = 30,
                  num_channels: int = 3, train_samples: int = 1_000_000, val_samples: int = 64,
-                 min_crop: float = 0.5, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+                 test_samples: int = 64, min_crop: float = 0.5, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        if image_size < 8 or train_samples < 1 or val_samples < 0 or not 0 < min_crop <= 1:
-            raise ValueError(f"need image_size >= 8, train_samples >= 1, val_samples >= 0, 0 < min_crop <= 1; got "
-                             f"{image_size}, {train_samples}, {val_samples}, {min_crop}")
+        if image_size < 8 or train_samples < 1 or val_samples < 0 or test_samples < 1 or not 0 < min_crop <= 1:
+            raise ValueError(f"need image_size >= 8, train_samples >= 1, val_samples >= 0, test_samples >= 1, "
+                             f"0 < min_crop <= 1; got {image_size}, {train_samples}, {val_samples}, {test_samples}, "
+                             f"{min_crop}")
         if train_samples < batch_size:
             raise ValueError(f"train_samples={train_samples} must be >= batch_size={batch_size} (the last partial "
                              "training batch is dropped)")
@@ -153,6 +156,7 @@ class GMMPretrainDataModule(LightningDataModule):
         self.theta_size = num_outputs(num_gaussians, num_channels)
         self.train_samples = train_samples
         self.val_samples = val_samples
+        self.test_samples = test_samples
         self.min_crop = min_crop
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -166,16 +170,21 @@ class GMMPretrainDataModule(LightningDataModule):
         common = (self.image_size, self.num_gaussians, self.num_channels, self.min_crop, self.seed)
         self.train_dataset = PseudoDefectPairs(pool, self.train_samples, *common, stream="train")
         self.val_dataset = PseudoDefectPairs(pool, self.val_samples, *common, stream="val")
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+        self.test_dataset = PseudoDefectPairs(pool, self.test_samples, *common, stream="test")
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        return resumable_loader(self.train_dataset, self.batch_size, self.seed, self.trainer, drop_last=True,
+                                num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_dataset, shuffle=False) if self.val_samples else []
+        return self._loader(self.val_dataset) if self.val_samples else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset)
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def describe(self) -> dict:
         pool = self.pool_name if self.pool_name == SKIMAGE else f"{self.pool_name}:{','.join(self.categories)}"

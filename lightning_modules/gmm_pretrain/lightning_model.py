@@ -13,6 +13,7 @@ from callbacks.figures import save_figure
 from lightning_modules.base import ShiftADModule
 from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.gmm_defects import GMMParams, direct_loss, indirect_loss, render_defects
+from lightning_modules.components.metrics import ScoreCollector
 from lightning_modules.gmm_pretrain.torch_model import GMMRegressor
 
 BACKBONE_FILE = "backbone.pth"
@@ -25,7 +26,8 @@ class GMMPretrain(ShiftADModule):
     Batches are ``{"normal", "theta"}`` from ``GMMPretrainDataModule``; the pseudo-defect
     I_ano = f_ano(I_norm, θ) is rendered here, on the device. Validation logs both losses
     (``val/direct``, ``val/indirect``) and writes a Figure-5-like grid (normal, pseudo-defect,
-    re-rendering from θ̂). At the end of fit the backbone (without the head) is written to
+    re-rendering from θ̂). ``test`` reports both losses on the held-out test pairs, averaged over
+    distinct pairs (``test/direct``, ``test/indirect``), the same on any number of processes. At the end of fit the backbone (without the head) is written to
     ``<run folder>/backbone.pth``, for ``backbone: {name: ..., weights: <that file>}``.
 
     Args:
@@ -48,6 +50,7 @@ class GMMPretrain(ShiftADModule):
         self.figure_rows = figure_rows
         self.model = GMMRegressor(backbone or BackboneSpec(), num_gaussians, num_channels)
         self._figure_batch: dict[str, torch.Tensor] | None = None
+        self.test_losses = torch.nn.ModuleDict({"direct": ScoreCollector(), "indirect": ScoreCollector()})
 
     def pseudo_defects(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, GMMParams]:
         """(I_norm, I_ano = f_ano(I_norm, θ), θ) of a batch, rendered on the batch's device."""
@@ -89,6 +92,25 @@ class GMMPretrain(ShiftADModule):
             rerendered, _ = render_defects(normal[rows], GMMParams(*(t[rows] for t in vars(predicted).values())))
             self._figure_batch = {"normal": normal[rows], "pseudo-defect": anomalous[rows],
                                   "re-rendered from θ̂": rerendered}
+
+    def on_test_epoch_start(self) -> None:
+        for collector in self.test_losses.values():
+            collector.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        normal, anomalous, target = self.pseudo_defects(batch)
+        predicted = self.model(anomalous)
+        for i in range(normal.shape[0]):
+            pick = slice(i, i + 1)
+            losses = self.both_losses(normal[pick], anomalous[pick], GMMParams(*(t[pick] for t in vars(target).values())),
+                                      GMMParams(*(t[pick] for t in vars(predicted).values())))
+            for name, value in losses.items():
+                self.test_losses[name].update(value.reshape(1), torch.zeros(1), batch["index"][pick])
+
+    def on_test_epoch_end(self) -> None:
+        for name, collector in self.test_losses.items():
+            per_pair, _ = collector.compute()
+            self.log(f"test/{name}", per_pair.double().mean().float())
 
     def on_validation_epoch_end(self) -> None:
         if self._figure_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:

@@ -40,7 +40,6 @@ class Padim(AnomalyDetectionModule):
         self.automatic_optimization = False
         self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
                                 covariance_eps, blur_sigma)
-        self._seen_on_rank = 0
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
@@ -54,20 +53,21 @@ class Padim(AnomalyDetectionModule):
 
     def on_train_epoch_start(self) -> None:
         self.model.reset_statistics()
-        self._seen_on_rank = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
-        keep = self._not_padding(images.shape[0]).to(images.device)
+        keep = self._not_padding(batch_idx, images.shape[0]).to(images.device)
         with torch.no_grad():
-            self.model.accumulate(self.model.embed(images[keep]))
+            embedding = self.model.embed(images[keep])
+            self.check_finite({"embedding": embedding})
+            self.model.accumulate(embedding)
 
-    def _not_padding(self, batch_size: int) -> torch.Tensor:
+    def _not_padding(self, batch_idx: int, batch_size: int) -> torch.Tensor:
         """Which samples of the batch are real: a DistributedSampler repeats samples so that every process
         gets as many; counting them twice would make 2 processes differ from 1."""
-        positions = self._seen_on_rank + torch.arange(batch_size)
-        self._seen_on_rank += batch_size
-        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        loader = self.trainer.train_dataloader
+        positions = batch_idx * loader.batch_size + torch.arange(batch_size)
+        sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return torch.ones(batch_size, dtype=torch.bool)
         # Sample j of rank r is entry j·W + r of the padded index list; entries from N on are repeats.
