@@ -155,6 +155,7 @@ class ShiftADCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             describe = getattr(self.datamodule, "describe", dict)()
             tags = [method] + [f"{k}:{v}" for k, v in describe.items() if v is not None]
+            tags.append(f"seed:{config['seed_everything']}")
             kwargs["logger"] = build_loggers(
                 run_dir,
                 run_name=f"{method}/{tag}/{run_dir.name}",

@@ -34,6 +34,7 @@ class ResultsWriter(Callback):
             "data": describe() if callable(describe) else None,
             "run_dir": str(run_dir),
             "global_step": trainer.global_step,
+            "checkpoint": trainer.ckpt_path,  # None: the weights in memory at the end of fit
             "metrics": metrics,
         }
         run_dir.mkdir(parents=True, exist_ok=True)

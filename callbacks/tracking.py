@@ -67,7 +67,7 @@ def build_loggers(
             project=project,
             tags=tags,
             mode=mode,
-            log_model="all" if log_model else False,
+            log_model=log_model,  # True: the checkpoints at the end of fit, the best one tagged "best"
             settings={"init_timeout": 60, "silent": True},
         )
     )
