@@ -90,6 +90,17 @@ def test_wandb_offline_run_holds_metrics_config_and_results(tmp_path, monkeypatc
     assert any(key.startswith("anomaly_maps") for key in test_run["history_keys"])
 
 
+def test_best_checkpoint_is_a_model_artifact_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit = ["fit", *TOY, "--trainer.max_epochs", "2", "--checkpoint.monitor", "val/loss", "--run.root", str(tmp_path)]
+    main(fit)
+    main([*fit, "--run.log_model", "true"])
+    assert summary(tmp_path / "toy" / "toy" / "version_0")["artifacts"] == []
+    artifacts = summary(tmp_path / "toy" / "toy" / "version_1")["artifacts"]
+    assert artifacts and all(a["type"] == "model" for a in artifacts)
+    assert any("best" in a["aliases"] for a in artifacts), artifacts
+
+
 def test_wandb_never_prompts_without_login(tmp_path, monkeypatch):
     from callbacks.tracking import wandb_mode
 

@@ -194,7 +194,7 @@ def test_two_categories_fit_and_test_through_the_cli(surfaces_root, tmp_path):
     assert (tmp_path / "dann" / "surfaces-woven-gray-to-none-da" / "version_1" / "results.json").is_file()
 
 
-@pytest.mark.parametrize("mode", ["source_only", "adabn", "adda"])
+@pytest.mark.parametrize("mode", ["source_only", "adabn"])  # dann and adda: tests/test_matrix.py
 def test_other_modes_fit_and_test_in_bf16_mixed(surfaces_root, tmp_path, mode):
     extra = ["--trainer.precision", "bf16-mixed", "--run.test_after_fit", "true"]
     if mode == "adda":
@@ -221,15 +221,6 @@ def test_killed_fit_resumes_with_the_same_lambda_and_step(surfaces_root, tmp_pat
     lambdas = logged(run_dir, "train/grl_lambda")
     assert {6, 11} <= lambdas.keys()  # steps logged after the resume
     assert all(value == pytest.approx(reversal_coefficient(step / 12)) for step, value in lambdas.items())
-
-
-def test_ddp_two_processes_on_cpu(surfaces_root, tmp_path):
-    result = run_cli(["fit", *cli_args(surfaces_root, tmp_path, epochs=1), "--trainer.strategy", "ddp",
-                      "--trainer.devices", "2", "--data.init_args.batch_size", "2", "--run.test_after_fit", "true"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "dann" / "surfaces-grass-gray-to-none-da" / "version_0"
-    metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-    assert 0.0 <= metrics["test/target_accuracy"] <= 1.0
 
 
 def test_target_label_selection_is_only_the_named_oracle(surfaces_root, tmp_path, caplog):

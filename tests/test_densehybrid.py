@@ -205,11 +205,3 @@ def test_primary_task_category_in_bf16_mixed(surfaces_root, tmp_path):
     assert "test/pixel_auroc" in json.loads((version / "results.json").read_text())["metrics"]
     with pytest.raises(ValueError, match="num_classes"):
         main(["fit", *cli_args(surfaces_root, tmp_path, extra=(*extra[:-2], "--model.init_args.num_classes", "1"))])
-
-
-def test_ddp_two_processes_on_cpu(surfaces_root, tmp_path):
-    args = cli_args(surfaces_root, tmp_path, steps=2, extra=("--model.init_args.freeze", "backbone"))
-    result = run_cli(["fit", *args, "--trainer.strategy", "ddp", "--trainer.devices", "2"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    (checkpoint,) = (tmp_path / "runs" / "densehybrid").glob("*/version_0/checkpoints/last.ckpt")
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2

@@ -208,20 +208,3 @@ def test_datamodule_describes_its_pool():
         GMMPretrainDataModule(min_crop=0)
     with pytest.raises(ValueError, match="batch_size"):
         GMMPretrainDataModule(train_samples=8, batch_size=16)
-
-
-@pytest.mark.slow
-def test_pretrain_runs_as_two_process_ddp(tmp_path, surfaces_root):
-    import os
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "cli.py", "fit", *pretrain_args(surfaces_root, tmp_path), "--trainer.precision", "32-true",
-         "--trainer.strategy", "ddp", "--trainer.devices", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "gmm_pretrain" / "gmm-surfaces-brick+wood-K4C3-32px" / "version_0"
-    # 16 pairs over 2 processes with batch 8: one step per epoch.
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
-    assert (run_dir / "backbone.pth").is_file()

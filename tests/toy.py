@@ -98,15 +98,54 @@ class KillAtStep(Callback):
             os._exit(3)
 
 
+def progress(trainer, unit: str) -> int:
+    """Optimizer steps (``global_step``) or training batches so far (for methods without an optimizer)."""
+    return trainer.global_step if unit == "step" else trainer.fit_loop.total_batch_idx + 1
+
+
 class SignalAtStep(Callback):
     """Sends the process a signal (as a cluster does before preemption) once ``step`` is reached."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+    def __init__(self, step: int, signal_name: str = "SIGTERM", unit: str = "step") -> None:
         self.step = step
         self.signal_number = getattr(signal, signal_name)
+        self.unit = unit
         self.sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step and not self.sent:
+        if progress(trainer, self.unit) >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signal_number)
+
+
+def poison(value, min_dims: int = 0):
+    """Every floating tensor of at least ``min_dims`` dimensions in a (nested) batch filled with NaN, in place."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= min_dims:
+        value.fill_(float("nan"))
+    elif isinstance(value, dict):
+        for item in value.values():
+            poison(item, min_dims)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            poison(item, min_dims)
+
+
+class PoisonAtStep(Callback):
+    """Makes training non-finite once ``step`` is reached: ``batch`` fills the images of the next batch with
+    NaN (a corrupt input), ``weights`` fills every floating parameter and buffer with NaN after a step (a diverged update)."""
+
+    def __init__(self, step: int, target: str = "batch", unit: str = "step") -> None:
+        if target not in ("batch", "weights"):
+            raise ValueError(f"target must be 'batch' or 'weights', got {target!r}")
+        self.step = step
+        self.target = target
+        self.unit = unit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.target == "batch" and progress(trainer, self.unit) >= self.step:
+            poison(batch, min_dims=4)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.target == "weights" and progress(trainer, self.unit) >= self.step:
+            with torch.no_grad():
+                poison(list(pl_module.parameters()) + [b for b in pl_module.buffers() if b.is_floating_point()])

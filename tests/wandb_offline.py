@@ -47,7 +47,8 @@ def summary(run_dir: Path) -> dict:
     run_files = list(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     if len(run_files) != 1:
         raise AssertionError(f"expected one offline W&B run under {run_dir}, found {run_files}")
-    found = {"history_keys": set(), "config_keys": set(), "summary_keys": set(), "tags": [], "name": None}
+    found = {"history_keys": set(), "config_keys": set(), "summary_keys": set(), "tags": [], "name": None,
+             "artifacts": []}
     for record in records(run_files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -58,6 +59,8 @@ def summary(run_dir: Path) -> dict:
             found["config_keys"] |= {item.key for item in record.config.update}
         elif kind == "history":
             found["history_keys"] |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "artifact":
+            found["artifacts"].append({"type": record.artifact.type, "aliases": list(record.artifact.aliases)})
         elif kind == "summary":
             found["summary_keys"] |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
     return found
