@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -116,6 +117,17 @@ CASES = [
     Case("gmm_pretrain", "gmm_pretrain", gmm_pretrain_args, steps=4, preempt_at=2, batch_size=8),
     Case("densehybrid", "densehybrid", densehybrid_args, steps=4, preempt_at=2),
 ]
+
+
+def logged(folder: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric over the run's metrics*.csv files."""
+    values = {}
+    for path in sorted(folder.glob("metrics*.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get(key):
+                    values[int(row["step"])] = float(row[key])
+    return values
 
 
 def run_dir(runs: Path, case: Case, version: int = 0) -> Path:

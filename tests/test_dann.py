@@ -1,4 +1,3 @@
-import csv
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from lightning_modules.components.gradient_reversal import (
 from lightning_modules.components.inverse_decay_lr import InverseDecayLR
 from lightning_modules.dann import DANN
 from lightning_modules.dann.torch_model import batch_norms
+from tests.methods import logged
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--run.wandb", "false"]
@@ -36,17 +36,6 @@ def cli_args(surfaces_root, run_root, mode="dann", category="grass", epochs=1, e
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
-
-
-def logged(run_dir: Path, key: str) -> dict[int, float]:
-    """{step: value} of one logged metric over every metrics*.csv of a run folder."""
-    values = {}
-    for path in sorted(run_dir.glob("metrics*.csv")):
-        with path.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get(key):
-                    values[int(row["step"])] = float(row[key])
-    return values
 
 
 def test_gradient_reversal_flips_and_scales_the_gradient_by_exactly_minus_lambda():

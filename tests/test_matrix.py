@@ -7,7 +7,6 @@ as Lightning's launcher re-runs ``cli.py`` for its second rank.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -19,7 +18,7 @@ import torch
 
 from cli import main
 from lightning_modules.base import NonFiniteLossError
-from tests.methods import CASES, Case, last_checkpoint, results, run_cli, run_dir, weights
+from tests.methods import CASES, Case, last_checkpoint, logged, results, run_cli, run_dir, weights
 from tests.wandb_offline import summary
 
 IDS = [case.name for case in CASES]
@@ -45,17 +44,6 @@ def callback(class_path: str, case: Case, **init_args) -> list[str]:
     """Appends a callback to the config's list (``+=``), with ``unit`` set for methods without optimizer steps."""
     init_args["unit"] = "batch" if case.loss_key is None else "step"
     return [f"--trainer.callbacks+={class_path}", *(f"--trainer.callbacks.{k}={v}" for k, v in init_args.items())]
-
-
-def logged(folder: Path, key: str) -> dict[int, float]:
-    """{step: value} of one metric over the run's metrics*.csv files."""
-    values = {}
-    for path in sorted(folder.glob("metrics*.csv")):
-        with path.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get(key):
-                    values[int(row["step"])] = float(row[key])
-    return values
 
 
 @contextmanager
