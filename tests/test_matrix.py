@@ -57,6 +57,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def batches_trained(checkpoint: dict) -> int:
+    return checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+
+
 def checkpoint_tested(folder: Path) -> Path:
     recorded = json.loads((folder / "results.json").read_text())["checkpoint"]
     return Path(recorded) if recorded else folder / "checkpoints" / "last.ckpt"
@@ -66,7 +70,7 @@ def checkpoint_tested(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_two_process_ddp_matches_one_process(case, surfaces_root, context, tmp_path, monkeypatch):
+def test_two_process_ddp_matches_one_process(case, surfaces_root, context, tmp_path):
     single, double = tmp_path / "single", tmp_path / "ddp"
     # Same global batch; a statistics-only fit (PaDiM) has no batch effect, so it keeps the per-process batch
     # and its features are computed as on each rank.
@@ -106,7 +110,7 @@ def test_two_process_ddp_matches_one_process(case, surfaces_root, context, tmp_p
 
     # Only rank 0 logs to W&B: one offline run, with the test metrics and the run's tags.
     tracked = summary(ddp_dir)
-    assert {f"test/{name.removeprefix('test/')}" for name in two} <= tracked["history_keys"]
+    assert set(two) <= tracked["history_keys"]
     assert case.method in tracked["tags"]
 
 
@@ -151,7 +155,7 @@ def test_preempted_fit_resumes_to_bitwise_the_same_weights(case, surfaces_root, 
     assert stopped.value.code == 143
     saved = torch.load(last_checkpoint(preempted, case), weights_only=True)
     final = torch.load(last_checkpoint(straight, case), weights_only=True)
-    assert 0 < saved["global_step"] < final["global_step"] or case.loss_key is None
+    assert 0 < batches_trained(saved) < batches_trained(final)  # stopped mid-fit
 
     main(["fit", *fit_args(case, surfaces_root, preempted, context), "--ckpt_path", "last"])
     resumed = torch.load(last_checkpoint(preempted, case), weights_only=True)
