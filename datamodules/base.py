@@ -124,13 +124,13 @@ class ShiftADDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
-    def _train_loader(self, dataset: Dataset, drop_last: bool = False, epoch_batches: int | None = None,
+    def _train_loader(self, dataset: Dataset, drop_last: bool = False, epoch_samples: int | None = None,
                       epoch_keys: bool = False, stream: str = "train") -> DataLoader:
         """Shuffled by (``seed``, ``stream``, epoch); a resumed fit continues the epoch where its checkpoint
         stopped. Loaders of one epoch get different ``stream`` names so they do not share an order."""
         seed = int(rng_for(self.seed, "loader", stream).integers(2**31))
         return resumable_loader(dataset, self.batch_size, seed, self.trainer, drop_last, self.num_workers,
-                                epoch_batches, epoch_keys)
+                                epoch_samples, epoch_keys)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out validation split (never test images); none when it is empty."""

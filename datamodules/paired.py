@@ -97,9 +97,9 @@ class PairedDomainDataModule(ShiftADDataModule):
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         self._require_setup()
-        epoch_batches = max(len(self.source_train), len(self.target_train)) // self.batch_size
-        return {"source": self._train_loader(self.source_train, True, epoch_batches, stream="source"),
-                "target": self._train_loader(self.target_train, True, epoch_batches, stream="target")}
+        epoch_samples = max(len(self.source_train), len(self.target_train))
+        return {"source": self._train_loader(self.source_train, True, epoch_samples, stream="source"),
+                "target": self._train_loader(self.target_train, True, epoch_samples, stream="target")}
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         self._require_setup()

@@ -56,8 +56,8 @@ def resume_point(trainer: Trainer | None, epoch_batches: int) -> tuple[int, int]
         epoch_batches = min(epoch_batches, limit)
     elif limit is not None and limit < 1.0:
         epoch_batches = int(epoch_batches * limit)
-    if epochs.processed > epochs.completed or done >= epoch_batches:
-        return epochs.processed if epochs.processed > epochs.completed else epochs.completed + 1, 0
+    if epochs.processed > epochs.completed or done >= epoch_batches:  # saved at the end of an epoch
+        return epochs.completed + 1, 0
     return epochs.completed, done
 
 
@@ -67,15 +67,16 @@ def batches_per_epoch(samples: int, batch_size: int, drop_last: bool, num_replic
 
 
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, trainer: Trainer | None, drop_last: bool = False,
-                     num_workers: int = 0, epoch_batches: int | None = None, epoch_keys: bool = False) -> DataLoader:
+                     num_workers: int = 0, epoch_samples: int | None = None, epoch_keys: bool = False) -> DataLoader:
     """A shuffled training loader that continues a resumed epoch exactly where its checkpoint stopped.
 
-    ``epoch_batches`` is the length of the epoch that this loader takes part in, when it is cycled with
-    longer loaders (Lightning's ``max_size_cycle``); by default its own length.
+    ``epoch_samples`` is the size of the largest dataset of the epoch, when this loader is cycled with longer
+    ones (Lightning's ``max_size_cycle``); by default its own.
     """
     num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     own_batches = batches_per_epoch(len(dataset), batch_size, drop_last, num_replicas)
-    epoch, done = resume_point(trainer, epoch_batches or own_batches)
+    epoch_batches = batches_per_epoch(epoch_samples or len(dataset), batch_size, drop_last, num_replicas)
+    epoch, done = resume_point(trainer, epoch_batches)
     sampler = ResumableSampler(dataset, num_replicas, rank, seed=seed, epoch=epoch,
                                skip=(done % max(own_batches, 1)) * batch_size, epoch_keys=epoch_keys)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
