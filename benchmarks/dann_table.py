@@ -1,7 +1,7 @@
 """Paper 000's Table 2 on the embedded "surfaces" data: target accuracy of source_only, adabn, dann, adda.
 
 Every job is one ``python cli.py fit ... --run.test_after_fit true`` with ``configs/dann/surfaces_<mode>.yaml``
-(model selection on the source val split), run one at a time. Directions: ``gray_to_rgb`` (paper 000:
+(model selection on the source val split); ``--jobs N`` runs N at a time (a GPU machine). Directions: ``gray_to_rgb`` (paper 000:
 labelled grayscale source, unlabelled RGB target) and ``rgb_to_gray``. Seeds change the training seed
 (``seed_everything``); the data split stays ``data.seed = 0`` so every seed is scored on the same images.
 
@@ -15,6 +15,7 @@ interrupted sweep continues where it stopped. ``<out>.md`` holds the tables (mea
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ def job_key(direction: str, category: str, mode: str, seed: int) -> str:
 
 def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.Namespace) -> dict:
     source_shift, target_shift = DIRECTIONS[direction]
-    run_root = Path(args.run_root) / direction / mode / f"seed{seed}"
+    run_root = Path(args.run_root) / direction / mode / f"seed{seed}" / category
     command = [
         sys.executable, "cli.py", "fit", "--config", "configs/trainer/default.yaml",
         "--config", f"configs/dann/surfaces_{mode}.yaml",
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs of the configs")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs run at the same time")
     parser.add_argument("--quick", action="store_true", help="2 categories (brick, woven) and seed 0 only")
     parser.add_argument("--table-only", action="store_true", help="rewrite <out>.md from <out>.json, run nothing")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more cli.py arguments, last")
@@ -134,19 +136,26 @@ def main() -> None:
         print(tables(records, tuple(args.modes)))
         return
     # Seed-major order: a sweep cut short still has whole seeds for every category and mode.
-    for seed in args.seeds:
-        for direction in args.directions:
-            for category in args.categories:
-                for mode in args.modes:
-                    if job_key(direction, category, mode, seed) in done:
-                        continue
-                    record = run_job(direction, category, mode, seed, args)
-                    records.append(record)
-                    print(f"{job_key(direction, category, mode, seed)}: target {record['target_accuracy']:.4f} "
-                          f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
-                    ledger.write_text(json.dumps({"records": records}, indent=1) + "\n")
-                    out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+    jobs = [(direction, category, mode, seed) for seed in args.seeds for direction in args.directions
+            for category in args.categories for mode in args.modes
+            if job_key(direction, category, mode, seed) not in done]
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_job, *job, args): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:  # the others go on; the ledger keeps what finished
+                failures.append(str(future.exception()))
+                print(failures[-1], flush=True)
+                continue
+            record = future.result()
+            records.append(record)
+            print(f"{job_key(*futures[future])}: target {record['target_accuracy']:.4f} "
+                  f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
+            ledger.write_text(json.dumps({"records": records}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
     print(tables(records, tuple(args.modes)))
+    if failures:
+        raise SystemExit(f"{len(failures)} job(s) failed; rerun the same command to retry them")
 
 
 if __name__ == "__main__":

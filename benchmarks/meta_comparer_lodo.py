@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="3 held-out domains, 40 steps, fractions 0.1 and 1.0")
     parser.add_argument("--skip", nargs="*", default=[], choices=["aggregate", "knn"], help="rows to leave out")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "meta_comparer_lodo")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[],
+                        help="first take the runs recorded in these folders' lodo.json (held-out domains run "
+                             "as separate processes, e.g. one each on a GPU machine)")
     parser.add_argument("--extra", action="append", default=[],
                         help="an extra CLI argument for every fit and test, e.g. "
                              "--extra=--model.init_args.reference_pooling=min (repeatable)")
@@ -180,6 +183,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "lodo.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    for folder in args.merge:
+        merged = json.loads((folder / "lodo.json").read_text())
+        results.update({key: value for key, value in merged.items() if key != "settings" and key not in results})
     results["settings"] = {"domains": args.domains, "all_domains": args.all_domains, "fractions": args.fractions,
                            "image_size": args.image_size, "max_steps": args.max_steps, "seed": args.seed,
                            "extra": args.extra, "command": " ".join(sys.argv)}

@@ -115,9 +115,12 @@ class ShiftADDataModule(LightningDataModule):
         return read_category(dataset or self.dataset, root or self.root, category)
 
     def _dataset(self, samples: Sequence[Sample], domains: Sequence[str], shift: str,
-                 hide_labels: bool = False) -> AnomalyDataset:
+                 hide_labels: bool = False, symmetry_stream: str | None = None) -> AnomalyDataset:
+        """``symmetry_stream``: a training set augmented with the square's symmetries, drawn per stream."""
+        symmetry_seed = (None if symmetry_stream is None
+                         else int(rng_for(self.seed, "symmetry", symmetry_stream).integers(2**31)))
         return AnomalyDataset(samples, domains, Shift(shift, self.style_reference), self.image_size,
-                              self.resize_size, hide_labels)
+                              self.resize_size, hide_labels, symmetry_seed)
 
     def _loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
         """An evaluation loader, in dataset order."""

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from datamodules.readers import Sample
 from datamodules.shifts import Shift
+from datamodules.splits import rng_for
 
 UNLABELLED = -1
 
@@ -61,6 +62,12 @@ def build_resize(image_size: int, resize_size: int | None = None) -> A.Compose:
     return A.Compose(steps)
 
 
+def square_symmetry(array: np.ndarray, symmetry: int) -> np.ndarray:
+    """Symmetry 0-7 of the square: ``symmetry % 4`` quarter-turns, then a left-right mirror if >= 4."""
+    turned = np.rot90(array, symmetry % 4, axes=(0, 1))
+    return turned[:, ::-1] if symmetry >= 4 else turned
+
+
 class AnomalyDataset(Dataset):
     """Samples loaded from disk, resized, passed through one domain ``shift``, returned as the sample dict.
 
@@ -72,10 +79,15 @@ class AnomalyDataset(Dataset):
         resize_size: if set, resize to this side first and centre-crop ``image_size``.
         hide_labels: return label -1, an empty mask, has_mask False and defect_type "unlabelled", for
             unlabelled target data in domain adaptation.
+        symmetry_seed: if set, training augmentation: each item gets one of the 8 symmetries of the square
+            (quarter-turns, with or without a mirror), image and mask alike, drawn from (seed, key). Keys
+            are ``epoch * len + index`` (``ResumableSampler(epoch_keys=True)``), so every epoch draws
+            afresh and a resumed run draws the same. For textures, which have no canonical orientation.
     """
 
     def __init__(self, samples: Sequence[Sample], domains: Sequence[str], shift: Shift, image_size: int,
-                 resize_size: int | None = None, hide_labels: bool = False) -> None:
+                 resize_size: int | None = None, hide_labels: bool = False,
+                 symmetry_seed: int | None = None) -> None:
         unknown = sorted({s.domain for s in samples} - set(domains))
         if unknown:
             raise ValueError(f"samples of domain(s) {unknown} are not in the domain list {list(domains)}")
@@ -85,24 +97,28 @@ class AnomalyDataset(Dataset):
         self.image_size = image_size
         self.resize = build_resize(image_size, resize_size)
         self.hide_labels = hide_labels
+        self.symmetry_seed = symmetry_seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
+    def __getitem__(self, key: int) -> dict:
+        sample = self.samples[key % len(self.samples)]
         image = read_image(sample.image_path)
         if sample.mask_path is not None:
             mask = read_mask(sample.mask_path, sample.image_path, image.shape[:2])
         else:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
         resized = self.resize(image=image, mask=mask)
-        image = self.shift(resized["image"])
+        image, mask = self.shift(resized["image"]), resized["mask"]
+        if self.symmetry_seed is not None:
+            symmetry = int(rng_for(self.symmetry_seed, "symmetry", str(key)).integers(8))
+            image, mask = (square_symmetry(array, symmetry) for array in (image, mask))
         labelled = not self.hide_labels
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
             "label": sample.label if labelled else UNLABELLED,
-            "mask": torch.from_numpy(resized["mask"]).float()[None] * float(labelled),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None] * float(labelled),
             "has_mask": sample.has_mask and labelled,
             "defect_type": sample.defect_type if labelled else "unlabelled",
             "domain": sample.domain,

@@ -45,6 +45,8 @@ class PairedDomainDataModule(ShiftADDataModule):
         val_fraction: fraction of every defect type (and of the normals) in the val split.
         test_fraction: fraction of every defect type (and of the normals) in the test split.
         target_val: also validate on the labelled target val split (the oracle), as dataloader_idx 1.
+        symmetry_augment: train on random flips and quarter-turns of the training images (both domains;
+            see ``AnomalyDataset``). For textures; object categories have an orientation.
     """
 
     val_dataloader_names = ("source", "target_oracle")
@@ -66,6 +68,7 @@ class PairedDomainDataModule(ShiftADDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         target_val: bool = False,
+        symmetry_augment: bool = False,
     ) -> None:
         super().__init__(dataset, root, image_size, resize_size, batch_size, num_workers, seed, source_shift,
                          target_shift, style_reference)
@@ -74,6 +77,7 @@ class PairedDomainDataModule(ShiftADDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.target_val = target_val
+        self.symmetry_augment = symmetry_augment
         check_source(dataset, self.root, [category])
 
     def _build(self) -> None:
@@ -88,8 +92,11 @@ class PairedDomainDataModule(ShiftADDataModule):
             raise ValueError(f"the train split of {self.category!r} has {len(train)} images, fewer than "
                              f"batch_size={self.batch_size}; with drop_last=True there would be no batch")
         domains = [self.category]
-        self.source_train = self._dataset(train, domains, self.source_shift)
-        self.target_train = self._dataset(train, domains, self.target_shift, hide_labels=True)
+        augment = self.symmetry_augment
+        self.source_train = self._dataset(train, domains, self.source_shift,
+                                          symmetry_stream="source" if augment else None)
+        self.target_train = self._dataset(train, domains, self.target_shift, hide_labels=True,
+                                          symmetry_stream="target" if augment else None)
         self.source_val = self._dataset(val, domains, self.source_shift)
         self.target_val_dataset = self._dataset(val, domains, self.target_shift)
         self.target_test = self._dataset(test, domains, self.target_shift)
@@ -98,8 +105,8 @@ class PairedDomainDataModule(ShiftADDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         self._require_setup()
         epoch_samples = max(len(self.source_train), len(self.target_train))
-        return {"source": self._train_loader(self.source_train, True, epoch_samples, stream="source"),
-                "target": self._train_loader(self.target_train, True, epoch_samples, stream="target")}
+        return {"source": self._train_loader(self.source_train, True, epoch_samples, epoch_keys=True, stream="source"),
+                "target": self._train_loader(self.target_train, True, epoch_samples, epoch_keys=True, stream="target")}
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         self._require_setup()

@@ -1,5 +1,6 @@
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +54,42 @@ def test_val_and_test_dataloader_order(surfaces_root):
 def test_batch_larger_than_train_split(surfaces_root):
     with pytest.raises(ValueError, match="train split of 'grass' has 15 images, fewer than batch_size=64"):
         PairedDomainDataModule(root=str(surfaces_root), category="grass", batch_size=64).setup("fit")
+
+
+def test_square_symmetries_are_the_eight_distinct_ones():
+    from datamodules.dataset import square_symmetry
+
+    asymmetric = np.arange(12).reshape(3, 4)[:3, :3]
+    images = {square_symmetry(asymmetric, s).tobytes() for s in range(8)}
+    assert len(images) == 8 and np.array_equal(square_symmetry(asymmetric, 0), asymmetric)
+    assert np.array_equal(square_symmetry(asymmetric, 4), asymmetric[:, ::-1])
+
+
+def test_symmetry_augment_moves_image_and_mask_together_and_only_in_training(surfaces_root):
+    dm = make(surfaces_root, symmetry_augment=True)
+    plain = make(surfaces_root)
+    train = dm.source_train
+    defective = next(i for i, s in enumerate(train.samples) if s.has_mask)
+    n = len(train)
+    drawn = [train[defective + epoch * n] for epoch in range(6)]
+    original = plain.source_train[defective]
+    matched = 0
+    for item in drawn:
+        # the symmetry that maps the original mask onto this one must also map the image
+        for s in range(8):
+            turned_mask = square_symmetry_t(original["mask"], s)
+            if torch.equal(turned_mask, item["mask"]) and torch.allclose(square_symmetry_t(original["image"], s),
+                                                                          item["image"]):
+                matched += 1
+                break
+    assert matched == len(drawn)
+    assert len({item["image"].numpy().tobytes() for item in drawn}) > 1  # epochs draw afresh
+    assert torch.equal(train[defective + n]["image"], drawn[1]["image"])  # the same key, the same draw
+    assert dm.source_val.symmetry_seed is None and dm.target_test.symmetry_seed is None
+    assert dm.target_train.symmetry_seed not in (None, train.symmetry_seed)
+
+
+def square_symmetry_t(tensor: torch.Tensor, symmetry: int) -> torch.Tensor:
+    from datamodules.dataset import square_symmetry
+
+    return torch.from_numpy(np.ascontiguousarray(square_symmetry(tensor.permute(1, 2, 0).numpy(), symmetry))).permute(2, 0, 1)
