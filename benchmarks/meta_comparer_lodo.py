@@ -5,7 +5,8 @@ For every held-out domain, through the same configs and ``cli.py`` as a user:
    (``+ surfaces_aggregate.yaml``) on the other domains;
 2. test both with the held-out domain's normals as references (no fine-tuning), the meta-comparer at
    every reference fraction, the ablation at 100 %;
-3. test the k-NN patch baseline (``surfaces_knn.yaml``), fitted on the same references, at every fraction.
+3. test the AD baselines fitted on the same references, at every fraction: the k-NN patch detector
+   (``surfaces_knn.yaml``) and PaDiM (``surfaces_padim.yaml``).
 
 Writes ``lodo.json`` (every run's metrics, written after each run so a cut-off run keeps what it had),
 ``lodo.md`` (Table 1: image / pixel AUROC per held-out domain and the mean; Figure 3: mean image AUROC
@@ -35,7 +36,8 @@ METHODS = {
     "meta_comparer": [str(CONFIGS / "surfaces.yaml")],
     "aggregate": [str(CONFIGS / "surfaces.yaml"), str(CONFIGS / "surfaces_aggregate.yaml")],
 }
-KNN = [str(CONFIGS / "surfaces_knn.yaml")]
+#: AD baselines fitted on the target references at test time (nothing trained)
+BASELINES = {"knn": [str(CONFIGS / "surfaces_knn.yaml")], "padim": [str(CONFIGS / "surfaces_padim.yaml")]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=100, help="training steps per held-out domain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 held-out domains, 40 steps, fractions 0.1 and 1.0")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["aggregate", "knn"], help="rows to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["aggregate", *BASELINES], help="rows to leave out")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "meta_comparer_lodo")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
                         help="first take the runs recorded in these folders' lodo.json (held-out domains run "
@@ -100,15 +102,15 @@ def run_domain(args: argparse.Namespace, held_out: str, results: dict, json_path
                             "--data.init_args.reference_fraction", str(fraction), "--ckpt_path", str(checkpoint)])
             record(results, json_path, f"{method}/{held_out}/{fraction}", cli.model.test_results,
                    time.perf_counter() - start)
-    if "knn" in args.skip:
-        return
-    for fraction in args.fractions:
-        if f"knn/{held_out}/{fraction}" in results:
-            continue
-        start = time.perf_counter()
-        cli = cli_main(["test", *config_args(KNN), *common(args, held_out, run_root),
-                        "--data.init_args.reference_fraction", str(fraction)])
-        record(results, json_path, f"knn/{held_out}/{fraction}", cli.model.test_results, time.perf_counter() - start)
+    for baseline, configs in BASELINES.items():
+        for fraction in [] if baseline in args.skip else args.fractions:
+            if f"{baseline}/{held_out}/{fraction}" in results:
+                continue
+            start = time.perf_counter()
+            cli = cli_main(["test", *config_args(configs), *common(args, held_out, run_root),
+                            "--data.init_args.reference_fraction", str(fraction)])
+            record(results, json_path, f"{baseline}/{held_out}/{fraction}", cli.model.test_results,
+                   time.perf_counter() - start)
 
 
 def metric(results: dict, method: str, domain: str, fraction: float, name: str) -> float | None:
@@ -127,7 +129,8 @@ def mean(values: list[float | None]) -> float | None:
 
 def tables(args: argparse.Namespace, results: dict) -> str:
     rows = [("meta_comparer", "meta-comparer (L_cls + L_att + L_rank)"), ("aggregate", "aggregate (L_cls only)"),
-            ("knn", "k-NN patch baseline (fitted on the references)")]
+            ("knn", "k-NN patch baseline (fitted on the references)"),
+            ("padim", "PaDiM baseline (fitted on the references)")]
     domains = args.domains
     lines = ["### Table 1 shape: LODO on surfaces, 100 % references", "",
              "Image AUROC / pixel AUROC per held-out domain.", "",
@@ -142,17 +145,17 @@ def tables(args: argparse.Namespace, results: dict) -> str:
         cells.append(f"{fmt(mean(image_all))} / {fmt(mean(pixel_all))}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "### Figure 3 shape: mean image AUROC (and mean pixel AUROC) vs reference fraction", "",
-              "| references | meta-comparer image | k-NN image | meta-comparer pixel | k-NN pixel |",
-              "|---|---|---|---|---|"]
+              "| references | meta-comparer image | k-NN image | PaDiM image | meta-comparer pixel | k-NN pixel "
+              "| PaDiM pixel |", "|---|---|---|---|---|---|---|"]
     for fraction in args.fractions:
         values = [mean([metric(results, key, d, fraction, name) for d in domains])
-                  for name in ("image_auroc", "pixel_auroc") for key in ("meta_comparer", "knn")]
+                  for name in ("image_auroc", "pixel_auroc") for key in ("meta_comparer", "knn", "padim")]
         lines.append(f"| {round(fraction * 100)} % | " + " | ".join(fmt(v) for v in values) + " |")
-    lines += ["", "Per domain, image AUROC (meta-comparer / k-NN):", "",
+    lines += ["", "Per domain, image AUROC (meta-comparer / k-NN / PaDiM):", "",
               "| references | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for fraction in args.fractions:
-        cells = [f"{fmt(metric(results, 'meta_comparer', d, fraction, 'image_auroc'))} / "
-                 f"{fmt(metric(results, 'knn', d, fraction, 'image_auroc'))}" for d in domains]
+        cells = [" / ".join(fmt(metric(results, key, d, fraction, "image_auroc"))
+                            for key in ("meta_comparer", "knn", "padim")) for d in domains]
         lines.append(f"| {round(fraction * 100)} % | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -164,7 +167,8 @@ def plot(args: argparse.Namespace, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for key, label in (("meta_comparer", "meta-comparer"), ("knn", "k-NN patch (AD baseline)")):
+    for key, label in (("meta_comparer", "meta-comparer"), ("knn", "k-NN patch (AD baseline)"),
+                       ("padim", "PaDiM (AD baseline)")):
         points = [(f * 100, mean([metric(results, key, d, f, "image_auroc") for d in args.domains]))
                   for f in args.fractions]
         points = [(x, y) for x, y in points if y is not None]

@@ -8,7 +8,12 @@ from lightning_modules.csflow import CSFlow, CSFlowAdaptation
 from lightning_modules.dann import DANN
 from lightning_modules.densehybrid import DenseHybridAD
 from lightning_modules.gmm_pretrain import GMMPretrain, GMMPretrainDataModule
-from lightning_modules.meta_comparer import KNNPatchBaseline, MetaComparer, MetaComparerAggregate
+from lightning_modules.meta_comparer import (
+    KNNPatchBaseline,
+    MetaComparer,
+    MetaComparerAggregate,
+    PadimReferenceBaseline,
+)
 from lightning_modules.padim import Padim
 
 __all__ = [
@@ -20,6 +25,7 @@ __all__ = [
     "GMMPretrain",
     "GMMPretrainDataModule",
     "KNNPatchBaseline",
+    "PadimReferenceBaseline",
     "MetaComparer",
     "MetaComparerAggregate",
     "Padim",

@@ -242,3 +242,16 @@ def test_aggregate_and_knn_baselines_through_the_cli(surfaces_root, tmp_path):
           "false", "--run.wandb", "false", "--run.root", str(tmp_path)])
     knn = json.loads((tmp_path / "knn_patch" / "surfaces-lodo-wood-ref100" / "version_0" / "results.json").read_text())
     assert {"test/image_auroc", "test/pixel_auroc"} <= set(knn["metrics"])
+
+
+def test_padim_baseline_is_fitted_on_exactly_the_references(surfaces_root, tmp_path):
+    cli = main(["test", "--config", str(REPO / "configs" / "meta_comparer" / "surfaces_padim.yaml"),
+                "--data.init_args.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
+                "--data.init_args.image_size", "64", "--data.init_args.reference_fraction", "0.5",
+                "--model.init_args.num_features", "24", "--trainer.accelerator", "cpu",
+                "--trainer.enable_progress_bar", "false", "--run.wandb", "false", "--run.root", str(tmp_path)])
+    references = cli.datamodule.reference_images()
+    assert int(cli.model.model.count) == references.shape[0] < len(cli.datamodule.test_dataset)
+    padim = json.loads((tmp_path / "padim_reference" / "surfaces-lodo-wood-ref50" / "version_0" / "results.json")
+                       .read_text())
+    assert {"test/image_auroc", "test/pixel_auroc"} <= set(padim["metrics"])

@@ -116,7 +116,7 @@ class ScoreCollector(Metric):
         if not torch.isfinite(scores).all():
             raise ValueError("non-finite anomaly scores reached the metrics; the model diverged")
         self.scores.append(scores)
-        self.targets.append(targets.detach().to(torch.uint8))
+        self.targets.append(targets.detach().to(scores.device, torch.uint8))  # one device for the whole state
         if ids is None:
             ids = torch.full((scores.shape[0],), -1, dtype=torch.long)
         self.ids.append(ids.to(scores.device))

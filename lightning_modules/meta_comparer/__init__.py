@@ -1,9 +1,11 @@
-"""Co-attention meta-comparer with ranking loss (paper 002), its ``aggregate`` ablation and a k-NN baseline."""
+"""Co-attention meta-comparer with ranking loss (paper 002), its ``aggregate`` ablation and the AD baselines
+(k-NN patch, PaDiM) fitted on the target references."""
 
 from lightning_modules.meta_comparer.lightning_model import (
     KNNPatchBaseline,
     MetaComparer,
     MetaComparerAggregate,
+    PadimReferenceBaseline,
 )
 from lightning_modules.meta_comparer.torch_model import (
     CoAttention,
@@ -20,4 +22,5 @@ __all__ = [
     "MetaComparerAggregate",
     "MetaComparerModel",
     "MultiScalePatchEncoder",
+    "PadimReferenceBaseline",
 ]

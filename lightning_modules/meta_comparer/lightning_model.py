@@ -16,6 +16,7 @@ from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
 from lightning_modules.components.knn_patch import KNNPatchScorer
 from lightning_modules.meta_comparer.losses import attention_loss, classification_loss, ranking_loss
 from lightning_modules.meta_comparer.torch_model import MetaComparerModel
+from lightning_modules.padim.torch_model import PadimModel
 
 
 def target_references(trainer: Trainer) -> torch.Tensor:
@@ -181,3 +182,30 @@ class KNNPatchBaseline(AnomalyDetectionModule):
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.scorer(self.patch_features(images))
         return maps.flatten(1).amax(1), maps
+
+
+class PadimReferenceBaseline(AnomalyDetectionModule):
+    """PaDiM fitted on the same target references: the Gaussians of ``PadimModel`` from the held-out
+    domain's normals given at test time. Nothing is trained; every process fits the same references.
+
+    Args: as ``lightning_modules.padim.Padim`` (the surfaces default: packaged Lite0, stages 1-3, 100 features).
+    """
+
+    method_name = "padim_reference"
+
+    def __init__(self, backbone: BackboneSpec | None = None, layers: list[str | int] | None = None,
+                 num_features: int = 100, feature_seed: int = 0, covariance_eps: float = 0.01, blur_sigma: float = 4.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
+                                covariance_eps, blur_sigma)
+
+    def on_test_start(self) -> None:
+        self.model.reset_statistics()
+        with torch.no_grad():
+            for chunk in target_references(self.trainer).split(16):
+                self.model.accumulate(self.model.embed(chunk.to(self.device)))
+
+    def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images)
