@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
@@ -25,6 +26,7 @@ from callbacks import AnomalyMapGrid, ResultsWriter
 from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from callbacks.tracking import build_loggers, wandb_loggers
 from lightning_modules.base import ShiftADModule
+from lightning_modules.components.sync_batchnorm import TimmSyncBatchNorm
 
 RUN_DIR_ENV = "SHIFTAD_RUN_DIR"
 LAST_CHECKPOINT = "last.ckpt"
@@ -164,6 +166,11 @@ class ShiftADCLI(LightningCLI):
                 use_wandb=config["run"]["wandb"],
                 log_model=config["run"]["log_model"],
             )
+        if trainer_config.get("sync_batchnorm"):
+            plugins = trainer_config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(plugin, LayerSync) for plugin in plugins):
+                kwargs["plugins"] = [*plugins, TimmSyncBatchNorm()]  # torch's conversion drops timm's activations
         kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
 

@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
                         help="every domain of the LODO split (sources = these minus the held-out one)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--max-steps", type=int, default=100, help="training steps per held-out domain")
+    parser.add_argument("--max-steps", type=int, default=1500, help="training steps per held-out domain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 held-out domains, 40 steps, fractions 0.1 and 1.0")
     parser.add_argument("--skip", nargs="*", default=[], choices=["aggregate", *BASELINES], help="rows to leave out")

@@ -24,7 +24,8 @@ FAST = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"
         "--data.init_args.image_size", "64", "--data.init_args.batch_size", "4",
         "--model.init_args.num_query_patches", "32", "--model.init_args.num_reference_patches", "48",
         "--model.init_args.test_reference_patches", "null", "--model.init_args.rank_pairs", "64",
-        "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
+        "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
 
 
 def fast_args(surfaces_root: Path, tmp_path: Path, steps: int = 2) -> list[str]:
