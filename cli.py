@@ -185,10 +185,16 @@ class ShiftADCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> ShiftADCLI:
     torch.set_float32_matmul_precision("high")
+    inherited_run_dir = os.environ.get(RUN_DIR_ENV)  # set only in a rank spawned by a launch
     try:
         cli = ShiftADCLI(args=args)
     except SIGTERMException:
         sys.exit(PREEMPTED_EXIT_CODE)
+    finally:
+        # A later run in this process (a sweep, a notebook) must get its own folder, even after a DDP run
+        # that left LOCAL_RANK behind or a run that failed.
+        if inherited_run_dir is None:
+            os.environ.pop(RUN_DIR_ENV, None)
     # Close the W&B run so its files are complete before the process (or the next in-process run) goes on.
     for logger in wandb_loggers(cli.trainer.loggers):
         if logger._experiment is not None:

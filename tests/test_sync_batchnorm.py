@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from timm.layers import BatchNormAct2d
 
-from cli import main
+from cli import RUN_DIR_ENV, main
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
 from lightning_modules.components.sync_batchnorm import TimmSyncBatchNorm
 from tests.methods import CASES
@@ -54,6 +56,7 @@ def test_the_cli_converts_with_timm_when_sync_batchnorm_is_on(surfaces_root, tmp
     with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
         main(["fit", *args, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.sync_batchnorm", "true",
               "--trainer.callbacks+=tests.test_sync_batchnorm.RecordTrainer", "--run.root", str(tmp_path / "synced")])
+    assert RUN_DIR_ENV not in os.environ  # the next run in this process gets its own folder
     trainer = RecordTrainer.trainer
     assert isinstance(trainer.strategy._layer_sync, TimmSyncBatchNorm)
     # Lightning's teardown after the error reverted the conversion: the fused layers must be whole again.
