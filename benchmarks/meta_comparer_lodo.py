@@ -188,6 +188,8 @@ def main() -> None:
     json_path = args.out / "lodo.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
     for folder in args.merge:
+        if not (folder / "lodo.json").is_file():
+            raise SystemExit(f"--merge {folder}: no lodo.json there (the --out folder of an earlier run is expected)")
         merged = json.loads((folder / "lodo.json").read_text())
         results.update({key: value for key, value in merged.items() if key != "settings" and key not in results})
     results["settings"] = {"domains": args.domains, "all_domains": args.all_domains, "fractions": args.fractions,
