@@ -8,14 +8,20 @@ labelled grayscale source, unlabelled RGB target) and ``rgb_to_gray``. Seeds cha
     python benchmarks/dann_table.py --out docs/results/dann_table            # full: 6 categories x 3 seeds
     python benchmarks/dann_table.py --quick --out runs/dann_table_quick       # 2 categories, 1 seed
 
-Results are appended to ``<out>.json`` after every job, and a job already there is skipped, so an
-interrupted sweep continues where it stopped. ``<out>.md`` holds the tables (mean ± std over seeds).
+Results are merged into ``<out>.json`` after every job (under a file lock, so two sweeps may share it), and a
+job already there is skipped, so an interrupted sweep continues where it stopped. ``<out>.md`` holds the tables
+(mean ± std over seeds).
+
+``adabn`` trains exactly as ``source_only`` does (same steps, same seed, same selected checkpoint), so its job
+is ``cli.py test`` of the ``source_only`` job's selected checkpoint, relabelled ``mode: adabn`` (test re-estimates
+the target statistics). Only where that checkpoint is not on disk does it fit on its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import json
 import os
 import statistics
@@ -27,40 +33,89 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+import torch  # noqa: E402
+
 from datamodules.surfaces import SURFACES_CATEGORIES  # noqa: E402
 
 MODES = ("source_only", "adabn", "dann", "adda")
 DIRECTIONS = {"gray_to_rgb": ("gray", "null"), "rgb_to_gray": ("null", "gray")}
+# AdaBN records measured before this (statistics from the shuffled, augmented training loader) are re-measured.
+ADABN_STATISTICS = "target train split, dataset order, not augmented"
 
 
 def job_key(direction: str, category: str, mode: str, seed: int) -> str:
     return f"{direction}/{category}/{mode}/{seed}"
 
 
-def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.Namespace) -> dict:
+def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.Namespace,
+            checkpoint: Path | None = None) -> dict:
+    """One fit + test; with ``checkpoint`` (adabn only), a test of that source_only checkpoint instead."""
     source_shift, target_shift = DIRECTIONS[direction]
     run_root = Path(args.run_root) / direction / mode / f"seed{seed}" / category
-    command = [
-        sys.executable, "cli.py", "fit", "--config", "configs/trainer/default.yaml",
-        "--config", f"configs/dann/surfaces_{mode}.yaml",
-        "--data.init_args.category", category, "--data.init_args.source_shift", source_shift,
-        "--data.init_args.target_shift", target_shift, "--data.init_args.image_size", str(args.image_size),
-        "--seed_everything", str(seed), "--run.root", str(run_root), "--run.wandb", "false",
-        "--run.test_after_fit", "true", "--trainer.enable_progress_bar", "false",
-        *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra,
-    ]
+    data = ["--config", "configs/trainer/default.yaml", "--config", f"configs/dann/surfaces_{mode}.yaml",
+            "--data.init_args.category", category, "--data.init_args.source_shift", source_shift,
+            "--data.init_args.target_shift", target_shift, "--data.init_args.image_size", str(args.image_size),
+            "--seed_everything", str(seed), "--run.root", str(run_root), "--run.wandb", "false",
+            "--trainer.enable_progress_bar", "false"]
+    if checkpoint is None:
+        command = [sys.executable, "cli.py", "fit", *data, "--run.test_after_fit", "true",
+                   *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra]
+    else:
+        # ``cli.py test`` builds the model from the checkpoint's hyperparameters, so the copy says mode=adabn.
+        relabelled = run_root / "source_only_as_adabn.ckpt"
+        run_root.mkdir(parents=True, exist_ok=True)
+        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        state["hyper_parameters"]["mode"] = "adabn"
+        torch.save({k: v for k, v in state.items() if k not in ("optimizer_states", "lr_schedulers")}, relabelled)
+        command = [sys.executable, "cli.py", "test", *data, "--ckpt_path", str(relabelled), *args.extra]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "WANDB_MODE": "offline"})
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "WANDB_MODE": "offline"})
+    finally:
+        if checkpoint is not None:
+            relabelled.unlink()
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"job {job_key(direction, category, mode, seed)} failed:\n{' '.join(command)}\n"
                            f"{result.stderr[-4000:]}")
     newest = max(run_root.glob(f"{mode}/*/version_*/results.json"), key=lambda p: p.stat().st_mtime)
     metrics = json.loads(newest.read_text())["metrics"]
-    return {"direction": direction, "category": category, "mode": mode, "seed": seed, "seconds": round(seconds, 1),
-            "run_dir": str(newest.parent), "command": " ".join(command[1:]),
-            **{k.removeprefix("test/"): v for k, v in metrics.items()}}
+    record = {"direction": direction, "category": category, "mode": mode, "seed": seed, "seconds": round(seconds, 1),
+              "run_dir": str(newest.parent), "command": " ".join(command[1:]),
+              **{k.removeprefix("test/"): v for k, v in metrics.items()}}
+    if mode == "adabn":
+        record["adabn_statistics"] = ADABN_STATISTICS
+        if checkpoint is not None:
+            record["derived_from"] = str(checkpoint)
+    return record
+
+
+def is_current(record: dict) -> bool:
+    return record["mode"] != "adabn" or record.get("adabn_statistics") == ADABN_STATISTICS
+
+
+def selected_checkpoint(record: dict | None) -> Path | None:
+    """The checkpoint a finished fit tested (selected on the source val split), if it is still on disk."""
+    results = Path(record["run_dir"]) / "results.json" if record else None
+    if results is None or not results.is_file():
+        return None
+    checkpoint = json.loads(results.read_text()).get("checkpoint")
+    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+
+
+def merge_into_ledger(ledger: Path, new: list[dict]) -> list[dict]:
+    """Adds ``new`` to the ledger on disk (replacing records of the same job) and returns all its records."""
+    with open(ledger.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
+        keys = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in new}
+        records = [r for r in records if job_key(r["direction"], r["category"], r["mode"], r["seed"]) not in keys]
+        records += new
+        partial = ledger.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
+        os.replace(partial, ledger)
+    return records
 
 
 def mean_std(values: list[float]) -> str:
@@ -73,6 +128,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def tables(records: list[dict], modes: tuple[str, ...]) -> str:
+    records = [r for r in records if is_current(r)]
     out = []
     for direction in DIRECTIONS:
         rows = [r for r in records if r["direction"] == direction]
@@ -129,8 +185,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ledger = out.with_suffix(".json")
-    records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
-    done = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in records}
+    records = merge_into_ledger(ledger, [])
+    done = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in records if is_current(r)}
     if args.table_only:
         out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
         print(tables(records, tuple(args.modes)))
@@ -139,20 +195,35 @@ def main() -> None:
     jobs = [(direction, category, mode, seed) for seed in args.seeds for direction in args.directions
             for category in args.categories for mode in args.modes
             if job_key(direction, category, mode, seed) not in done]
+    by_key = {job_key(r["direction"], r["category"], r["mode"], r["seed"]): r for r in records}
     failures = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_job, *job, args): job for job in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            if future.exception() is not None:  # the others go on; the ledger keeps what finished
-                failures.append(str(future.exception()))
-                print(failures[-1], flush=True)
+        futures, waiting = {}, {}  # waiting: adabn jobs whose source_only job runs in this sweep
+        for job in jobs:
+            direction, category, mode, seed = job
+            source_only = (direction, category, "source_only", seed)
+            if mode == "adabn" and source_only in jobs:
+                waiting[source_only] = job
                 continue
-            record = future.result()
-            records.append(record)
-            print(f"{job_key(*futures[future])}: target {record['target_accuracy']:.4f} "
-                  f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
-            ledger.write_text(json.dumps({"records": records}, indent=1) + "\n")
-            out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+            checkpoint = selected_checkpoint(by_key.get(job_key(*source_only))) if mode == "adabn" else None
+            futures[pool.submit(run_job, *job, args, checkpoint)] = job
+        while futures:
+            finished, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                job = futures.pop(future)
+                record = None
+                if future.exception() is not None:  # the others go on; the ledger keeps what finished
+                    failures.append(str(future.exception()))
+                    print(failures[-1], flush=True)
+                else:
+                    record = future.result()
+                    records = merge_into_ledger(ledger, [record])
+                    print(f"{job_key(*job)}: target {record['target_accuracy']:.4f} "
+                          f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
+                    out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+                if job in waiting:
+                    adabn = waiting.pop(job)
+                    futures[pool.submit(run_job, *adabn, args, selected_checkpoint(record))] = adabn
     print(tables(records, tuple(args.modes)))
     if failures:
         raise SystemExit(f"{len(failures)} job(s) failed; rerun the same command to retry them")

@@ -97,6 +97,7 @@ class PairedDomainDataModule(ShiftADDataModule):
                                           symmetry_stream="source" if augment else None)
         self.target_train = self._dataset(train, domains, self.target_shift, hide_labels=True,
                                           symmetry_stream="target" if augment else None)
+        self.target_statistics = self._dataset(train, domains, self.target_shift, hide_labels=True)
         self.source_val = self._dataset(val, domains, self.source_shift)
         self.target_val_dataset = self._dataset(val, domains, self.target_shift)
         self.target_test = self._dataset(test, domains, self.target_shift)
@@ -107,6 +108,15 @@ class PairedDomainDataModule(ShiftADDataModule):
         epoch_samples = max(len(self.source_train), len(self.target_train))
         return {"source": self._train_loader(self.source_train, True, epoch_samples, epoch_keys=True, stream="source"),
                 "target": self._train_loader(self.target_train, True, epoch_samples, epoch_keys=True, stream="target")}
+
+    def target_statistics_dataloader(self) -> DataLoader:
+        """Every unlabelled target train image once, in dataset order, not augmented (AdaBN's statistics).
+
+        Not the training loader: its shuffle, ``drop_last`` and symmetries depend on the epoch and rank, so the
+        statistics at the end of a fit would differ from a later ``test`` of its checkpoint and between ranks.
+        """
+        self._require_setup()
+        return self._loader(self.target_statistics)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         self._require_setup()

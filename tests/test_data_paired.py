@@ -89,6 +89,16 @@ def test_symmetry_augment_moves_image_and_mask_together_and_only_in_training(sur
     assert dm.target_train.symmetry_seed not in (None, train.symmetry_seed)
 
 
+def test_adabn_statistics_loader_is_every_target_train_image_once_and_not_augmented(surfaces_root):
+    dm = make(surfaces_root, symmetry_augment=True)
+    plain = make(surfaces_root)
+    batches = list(dm.target_statistics_dataloader())
+    assert [p for b in batches for p in b["path"]] == [s.image_path for s in dm.target_train.samples]
+    images = torch.cat([b["image"] for b in batches])
+    assert torch.equal(images, torch.stack([plain.target_train[i]["image"] for i in range(len(plain.target_train))]))
+    assert all((b["label"] < 0).all() for b in batches)  # labels stay hidden
+
+
 def square_symmetry_t(tensor: torch.Tensor, symmetry: int) -> torch.Tensor:
     from datamodules.dataset import square_symmetry
 

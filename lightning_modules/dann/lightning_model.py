@@ -252,7 +252,7 @@ class DANN(ShiftADModule):
     def _refresh_target_statistics(self) -> None:
         if self.mode != "adabn":
             return
-        loader = self.trainer.datamodule.train_dataloader()["target"]
+        loader = self.trainer.datamodule.target_statistics_dataloader()
         self.model.estimate_target_statistics(batch["image"].to(self.device) for batch in loader)
 
     def _collect(self, collector: ScoreCollector, batch: dict, domain: str) -> None:
