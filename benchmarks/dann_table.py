@@ -54,7 +54,8 @@ def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.
     run_root = Path(args.run_root) / direction / mode / f"seed{seed}" / category
     data = ["--config", "configs/trainer/default.yaml", "--config", f"configs/dann/surfaces_{mode}.yaml",
             "--data.init_args.category", category, "--data.init_args.source_shift", source_shift,
-            "--data.init_args.target_shift", target_shift, "--data.init_args.image_size", str(args.image_size),
+            "--data.init_args.target_shift", target_shift,
+            *(["--data.init_args.image_size", str(args.image_size)] if args.image_size else []),
             "--seed_everything", str(seed), "--run.root", str(run_root), "--run.wandb", "false",
             "--trainer.enable_progress_bar", "false"]
     if checkpoint is None:
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=None, help="override data.image_size of the configs")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs of the configs")
     parser.add_argument("--jobs", type=int, default=1, help="jobs run at the same time")
     parser.add_argument("--quick", action="store_true", help="2 categories (brick, woven) and seed 0 only")
