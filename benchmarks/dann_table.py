@@ -184,8 +184,10 @@ def main() -> None:
     if args.quick:
         args.categories, args.seeds = ["brick", "woven"], [0]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ledger = out.with_suffix(".json")
+    if args.table_only and not ledger.is_file():
+        raise SystemExit(f"--table-only: no ledger {ledger} (give the --out of an earlier sweep)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     records = merge_into_ledger(ledger, [])
     done = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in records if is_current(r)}
     if args.table_only:
