@@ -109,7 +109,11 @@ def merge_into_ledger(ledger: Path, new: list[dict]) -> list[dict]:
     """Adds ``new`` to the ledger on disk (replacing records of the same job) and returns all its records."""
     with open(ledger.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
+        try:
+            records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SystemExit(f"ledger {ledger} is not a dann_table ledger ({error!r}); expected "
+                             f'{{"records": [...]}}: fix or move it, nothing was written') from error
         keys = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in new}
         records = [r for r in records if job_key(r["direction"], r["category"], r["mode"], r["seed"]) not in keys]
         records += new
