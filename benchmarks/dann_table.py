@@ -140,11 +140,11 @@ def tables(records: list[dict], modes: tuple[str, ...]) -> str:
         if not rows:
             continue
         categories = [c for c in SURFACES_CATEGORIES if any(r["category"] == c for r in rows)]
-        # The mean row covers the categories every mode has finished for a seed (a cut sweep stays comparable).
+        # The mean row averages whole seeds only: a seed counts once every mode has every category, so
+        # each per-seed mean covers the same categories and a cut sweep's row stays comparable.
         seeds = sorted({r["seed"] for r in rows})
-        complete = {s: [c for c in categories
-                        if all(any(r["category"] == c and r["mode"] == m and r["seed"] == s for r in rows)
-                               for m in modes)] for s in seeds}
+        done = {(r["category"], r["mode"], r["seed"]) for r in rows}
+        complete = [s for s in seeds if all((c, m, s) in done for c in categories for m in modes)]
         for metric, title in (("target_accuracy", "target test accuracy (%)"),
                               ("target_auroc", "target test AUROC (%)"),
                               ("source_accuracy", "source test accuracy (%)")):
@@ -155,14 +155,11 @@ def tables(records: list[dict], modes: tuple[str, ...]) -> str:
                 cells = [mean_std([r[metric] for r in rows
                                    if r["category"] == category and r["mode"] == m and metric in r]) for m in modes]
                 out.append(f"| {category} | " + " | ".join(cells) + " |")
-            cells = []
-            for mode in modes:
-                per_seed = [statistics.mean(r[metric] for r in rows if r["mode"] == mode and r["seed"] == s
-                                            and r["category"] in complete[s] and metric in r)
-                            for s in seeds if complete[s]]
-                cells.append(mean_std(per_seed))
-            covered = sorted({c for s in seeds for c in complete[s]}, key=categories.index)
-            out.append(f"| **mean** ({', '.join(covered) or 'none complete'}) | " + " | ".join(cells) + " |\n")
+            cells = [mean_std([statistics.mean(r[metric] for r in rows
+                                               if r["mode"] == mode and r["seed"] == s and metric in r)
+                               for s in complete]) for mode in modes]
+            label = f"seeds {', '.join(map(str, complete))}" if complete else "no seed complete"
+            out.append(f"| **mean** ({label}) | " + " | ".join(cells) + " |\n")
     seconds = [r["seconds"] for r in records]
     if seconds:
         out.append(f"Fit + test wall time per job: median {statistics.median(seconds):.0f} s "
