@@ -20,6 +20,7 @@ the target statistics). Only where that checkpoint is not on disk does it fit on
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import fcntl
 import json
@@ -45,6 +46,11 @@ ADABN_STATISTICS = "target train split, dataset order, not augmented"
 
 def job_key(direction: str, category: str, mode: str, seed: int) -> str:
     return f"{direction}/{category}/{mode}/{seed}"
+
+
+def source_only_of(job: tuple[str, str, str, int]) -> tuple[str, str, str, int]:
+    direction, category, _, seed = job
+    return direction, category, "source_only", seed
 
 
 def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.Namespace,
@@ -201,33 +207,38 @@ def main() -> None:
             if job_key(direction, category, mode, seed) not in done]
     by_key = {job_key(r["direction"], r["category"], r["mode"], r["seed"]): r for r in records}
     failures = []
+    # Jobs are handed to the pool one free slot at a time, so an adabn test whose source_only job has just
+    # finished goes next rather than behind the whole queue.
+    queue = collections.deque(job for job in jobs if not (job[2] == "adabn" and source_only_of(job) in jobs))
+    waiting = {source_only_of(job): job for job in jobs if job not in queue}  # adabn jobs after their fit
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures, waiting = {}, {}  # waiting: adabn jobs whose source_only job runs in this sweep
-        for job in jobs:
-            direction, category, mode, seed = job
-            source_only = (direction, category, "source_only", seed)
-            if mode == "adabn" and source_only in jobs:
-                waiting[source_only] = job
-                continue
-            checkpoint = selected_checkpoint(by_key.get(job_key(*source_only))) if mode == "adabn" else None
-            futures[pool.submit(run_job, *job, args, checkpoint)] = job
+        futures = {}
+
+        def submit_next() -> None:
+            while queue and len(futures) < args.jobs:
+                job = queue.popleft()
+                source_only = by_key.get(job_key(*source_only_of(job)))
+                checkpoint = selected_checkpoint(source_only) if job[2] == "adabn" else None
+                futures[pool.submit(run_job, *job, args, checkpoint)] = job
+
+        submit_next()
         while futures:
             finished, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 job = futures.pop(future)
-                record = None
                 if future.exception() is not None:  # the others go on; the ledger keeps what finished
                     failures.append(str(future.exception()))
                     print(failures[-1], flush=True)
                 else:
                     record = future.result()
+                    by_key[job_key(*job)] = record
                     records = merge_into_ledger(ledger, [record])
                     print(f"{job_key(*job)}: target {record['target_accuracy']:.4f} "
                           f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
                     out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
-                if job in waiting:
-                    adabn = waiting.pop(job)
-                    futures[pool.submit(run_job, *adabn, args, selected_checkpoint(record))] = adabn
+                if job in waiting:  # without a checkpoint (the fit failed) the adabn job fits on its own
+                    queue.appendleft(waiting.pop(job))
+            submit_next()
     print(tables(records, tuple(args.modes)))
     if failures:
         raise SystemExit(f"{len(failures)} job(s) failed; rerun the same command to retry them")

@@ -1,3 +1,9 @@
+import json
+import sys
+
+import pytest
+
+from benchmarks import dann_table
 from benchmarks.dann_table import ADABN_STATISTICS, tables
 
 MODES = ("source_only", "adabn")
@@ -27,3 +33,29 @@ def test_mean_row_says_when_no_seed_is_complete_and_stale_adabn_does_not_count()
     stale = {**record("brick", "adabn", 0, 0.9), "adabn_statistics": None}
     row = mean_row(tables([record("brick", "source_only", 0, 0.5), stale], MODES))
     assert row == "| **mean** (no seed complete) | — | — |"
+
+
+def test_sweep_runs_each_adabn_test_right_after_its_source_only_fit_from_that_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_job(direction, category, mode, seed, args, checkpoint=None):
+        calls.append((category, mode, checkpoint))
+        if (category, mode) == ("grass", "source_only"):
+            raise RuntimeError("grass source_only failed")
+        run_dir = tmp_path / "runs" / category / mode
+        run_dir.mkdir(parents=True)
+        (run_dir / "best.ckpt").write_bytes(b"")
+        (run_dir / "results.json").write_text(json.dumps({"checkpoint": str(run_dir / "best.ckpt")}))
+        return {**record(category, mode, seed, 0.5), "direction": direction, "run_dir": str(run_dir)}
+
+    monkeypatch.setattr(dann_table, "run_job", fake_run_job)
+    monkeypatch.setattr(sys, "argv", ["dann_table.py", "--out", str(tmp_path / "table"), "--seeds", "0",
+                                      "--directions", "gray_to_rgb", "--categories", "brick", "grass"])
+    with pytest.raises(SystemExit, match="1 job"):
+        dann_table.main()
+    assert [(c, m) for c, m, _ in calls] == [
+        ("brick", "source_only"), ("brick", "adabn"), ("brick", "dann"), ("brick", "adda"),
+        ("grass", "source_only"), ("grass", "adabn"), ("grass", "dann"), ("grass", "adda")]
+    checkpoints = {(c, m): checkpoint for c, m, checkpoint in calls}
+    assert checkpoints["brick", "adabn"] == tmp_path / "runs" / "brick" / "source_only" / "best.ckpt"
+    assert checkpoints["grass", "adabn"] is None  # its fit failed, so adabn fits on its own
