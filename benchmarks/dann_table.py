@@ -48,6 +48,10 @@ def job_key(direction: str, category: str, mode: str, seed: int) -> str:
     return f"{direction}/{category}/{mode}/{seed}"
 
 
+def record_key(record: dict) -> str:
+    return job_key(record["direction"], record["category"], record["mode"], record["seed"])
+
+
 def source_only_of(job: tuple[str, str, str, int]) -> tuple[str, str, str, int]:
     direction, category, _, seed = job
     return direction, category, "source_only", seed
@@ -120,8 +124,8 @@ def merge_into_ledger(ledger: Path, new: list[dict]) -> list[dict]:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise SystemExit(f"ledger {ledger} is not a dann_table ledger ({error!r}); expected "
                              f'{{"records": [...]}}: fix or move it, nothing was written') from error
-        keys = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in new}
-        records = [r for r in records if job_key(r["direction"], r["category"], r["mode"], r["seed"]) not in keys]
+        keys = {record_key(r) for r in new}
+        records = [r for r in records if record_key(r) not in keys]
         records += new
         partial = ledger.with_suffix(".json.partial")
         partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
@@ -196,7 +200,7 @@ def main() -> None:
         raise SystemExit(f"--table-only: no ledger {ledger} (give the --out of an earlier sweep)")
     out.parent.mkdir(parents=True, exist_ok=True)
     records = merge_into_ledger(ledger, [])
-    done = {job_key(r["direction"], r["category"], r["mode"], r["seed"]) for r in records if is_current(r)}
+    done = {record_key(r) for r in records if is_current(r)}
     if args.table_only:
         out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
         print(tables(records, tuple(args.modes)))
@@ -205,7 +209,7 @@ def main() -> None:
     jobs = [(direction, category, mode, seed) for seed in args.seeds for direction in args.directions
             for category in args.categories for mode in args.modes
             if job_key(direction, category, mode, seed) not in done]
-    by_key = {job_key(r["direction"], r["category"], r["mode"], r["seed"]): r for r in records}
+    by_key = {record_key(r): r for r in records}
     failures = []
     # Jobs are handed to the pool one free slot at a time, so an adabn test whose source_only job has just
     # finished goes next rather than behind the whole queue.
