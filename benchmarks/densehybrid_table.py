@@ -41,6 +41,7 @@ from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.comparison import paired_verdict  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 
 CONFIGS = REPO / "configs" / "densehybrid"
@@ -238,6 +239,13 @@ def summarise(row: dict) -> dict:
     return summary
 
 
+def mask_vs_rectangle(rows: dict) -> str:
+    """Paper 004's mask-vs-rectangle question at the freeze-all policy, paired over categories."""
+    mask, rectangle = ({category: run["pixel AUROC"] for category, run in rows[key]["runs"].items()}
+                       for key in ("freeze-all_mask", "freeze-all_rectangle"))
+    return "pixel AUROC, " + paired_verdict(mask, rectangle, "mask", "rectangle") + ", one seed"
+
+
 def markdown(table: dict, args: argparse.Namespace) -> str:
     columns = [*METRICS, "images/s", "peak RSS MiB"]
     lines = [f"DenseHybridAD on surfaces ({', '.join(args.categories)}), {args.image_size} px, {args.epochs} epoch(s), "
@@ -264,6 +272,19 @@ def markdown(table: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rebuild_table(args: argparse.Namespace) -> None:
+    stored = args.out.with_suffix(".json")
+    if not stored.is_file():
+        raise SystemExit(f"--table-only: {stored} does not exist; run the table first")
+    table = json.loads(stored.read_text())
+    settings = table["settings"]
+    args.categories, args.image_size, args.epochs = settings["categories"], settings["image_size"], settings["epochs"]
+    if {"freeze-all_mask", "freeze-all_rectangle"} <= set(table["rows"]):
+        table["mask_vs_rectangle"] = mask_vs_rectangle(table["rows"])
+    stored.write_text(json.dumps(table, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(table, args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="Output path without extension (.json, .md).")
@@ -281,8 +302,13 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true",
                         help="Only measure training throughput and peak RSS (fresh process per freeze policy).")
     parser.add_argument("--quick", action="store_true", help="Two categories, 64 px, 1 epoch (a smoke run).")
+    parser.add_argument("--table-only", action="store_true",
+                        help="Rebuild <out>.md (and the derived verdicts) from <out>.json without running anything.")
     args = parser.parse_args()
     os.chdir(REPO)
+    if args.table_only:
+        rebuild_table(args)
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.categories, args.image_size, args.epochs = ["brick", "woven"], 64, 1
@@ -302,9 +328,7 @@ def main() -> None:
         rows[key] = row
         table["settings"]["seconds"] = round(time.time() - started)
         if {"freeze-all_mask", "freeze-all_rectangle"} <= set(rows):
-            mask, rectangle = (rows[k]["summary"]["pixel AUROC"] for k in ("freeze-all_mask", "freeze-all_rectangle"))
-            table["mask_vs_rectangle"] = (f"pixel AUROC {mask:.4f} (mask) vs {rectangle:.4f} (rectangle): "
-                                          f"{'mask' if mask > rectangle else 'rectangle'} is better")
+            table["mask_vs_rectangle"] = mask_vs_rectangle(rows)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(table, indent=2))
         args.out.with_suffix(".md").write_text(markdown(table, args))
