@@ -14,6 +14,7 @@ Every item is a dict that the default collate batches:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import albumentations as A
@@ -27,6 +28,7 @@ from datamodules.shifts import Shift
 from datamodules.splits import rng_for
 
 UNLABELLED = -1
+_WARNED_EMPTY_MASKS: set[str] = set()  # mask files already warned about as empty (per process)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -37,15 +39,29 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str, image_path: str, image_shape: tuple[int, int]) -> np.ndarray:
-    """Binary uint8 mask ``[H, W]`` (any value > 0 is a defect), checked to be the image's size."""
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+def read_mask(path: str, image_path: str, image_shape: tuple[int, int], defect: bool = False) -> np.ndarray:
+    """Binary uint8 mask ``[H, W]``, checked to be the image's size.
+
+    The file is read in its own bit depth (8- or 16-bit, float TIFF), so a 16-bit 0/1 mask keeps its
+    defect pixels; a pixel is a defect where any colour channel is > 0 (an alpha channel is ignored).
+    A ``defect`` image whose mask has no defect pixel is warned about once per file.
+    """
+    mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ValueError(f"cannot read mask {path!r}: missing, corrupt or not an image file")
+    if mask.ndim == 3:
+        # BGR(A) or gray + alpha: the colour channels carry the mask, alpha is usually opaque everywhere
+        colour = mask[..., :3] if mask.shape[2] >= 3 else mask[..., :1]
+        mask = colour.max(axis=2)
     if mask.shape != image_shape:
         raise ValueError(f"mask {path!r} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path!r} "
                          f"is {image_shape[1]}x{image_shape[0]}; a mask must have its image's size")
-    return (mask > 0).astype(np.uint8)
+    binary = (mask > 0).astype(np.uint8)
+    if defect and not binary.any() and path not in _WARNED_EMPTY_MASKS:
+        _WARNED_EMPTY_MASKS.add(path)
+        warnings.warn(f"mask {path!r} of defect image {image_path!r} has no pixel > 0 ({mask.dtype}, "
+                      f"{mask.shape[1]}x{mask.shape[0]}): its pixel metrics count no defect there", stacklevel=2)
+    return binary
 
 
 def build_resize(image_size: int, resize_size: int | None = None) -> A.Compose:
@@ -106,7 +122,7 @@ class AnomalyDataset(Dataset):
         sample = self.samples[key % len(self.samples)]
         image = read_image(sample.image_path)
         if sample.mask_path is not None:
-            mask = read_mask(sample.mask_path, sample.image_path, image.shape[:2])
+            mask = read_mask(sample.mask_path, sample.image_path, image.shape[:2], defect=sample.label == 1)
         else:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
         resized = self.resize(image=image, mask=mask)

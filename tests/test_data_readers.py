@@ -1,4 +1,5 @@
 import csv
+import warnings
 
 import cv2
 import numpy as np
@@ -141,3 +142,52 @@ def test_grayscale_files_become_three_channels(make_mvtec):
     cv2.imwrite(str(path), np.full(FAKE_SIZE, 77, np.uint8))
     item = load(read_category("folder", root, "gray").train, "gray")[0]
     assert item["image"].shape[0] == 3 and torch.allclose(item["image"], torch.tensor(77 / 255), atol=1e-6)
+
+
+def _defect_item(root, mask: np.ndarray):
+    """Writes ``mask`` as the mask of bottle/crack/000.png and loads that test item at the file's size."""
+    path = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+    assert cv2.imwrite(str(path), mask)
+    samples = read_category("mvtec", root, "bottle")
+    index = next(i for i, s in enumerate(samples.test) if s.image_path.endswith("crack/000.png"))
+    return load(samples.test, "bottle")[index]
+
+
+def _rectangles(dtype, value, boxes) -> np.ndarray:
+    mask = np.zeros(FAKE_SIZE, dtype)
+    for rows, cols in boxes:
+        mask[rows, cols] = value
+    return mask
+
+
+BOXES = [(slice(10, 20), slice(12, 30)), (slice(30, 35), slice(2, 10))]
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(np.uint16, 1), (np.uint16, 65535), (np.uint8, 1)],
+                         ids=["16bit-0-1", "16bit-0-65535", "8bit-0-1"])
+def test_masks_keep_their_defect_pixels_in_any_bit_depth(make_mvtec, dtype, value):
+    root = make_mvtec()
+    expected = _defect_item(root, _rectangles(np.uint8, 255, BOXES))["mask"]  # the plain 8-bit 0/255 mask
+    assert expected.sum() > 0
+    torch.testing.assert_close(_defect_item(root, _rectangles(dtype, value, BOXES))["mask"], expected)
+
+
+def test_colour_mask_is_a_defect_wherever_a_colour_channel_is_set(make_mvtec):
+    root = make_mvtec()
+    expected = _defect_item(root, _rectangles(np.uint8, 255, BOXES))["mask"]
+    bgra = np.zeros((*FAKE_SIZE, 4), np.uint8)
+    bgra[..., 3] = 255  # an opaque alpha everywhere must not become a defect
+    bgra[..., 2] = _rectangles(np.uint8, 200, BOXES[:1])  # one region red
+    bgra[..., 1] = _rectangles(np.uint8, 1, BOXES[1:])  # the other a faint green
+    torch.testing.assert_close(_defect_item(root, bgra)["mask"], expected)
+    torch.testing.assert_close(_defect_item(root, bgra[..., :3])["mask"], expected)  # RGB without alpha
+
+
+def test_empty_mask_of_a_defect_image_warns_once_naming_the_file(make_mvtec):
+    root = make_mvtec()
+    with pytest.warns(UserWarning, match=r"mask .*crack/000_mask.png' of defect image .*crack/000.png' has no pixel"):
+        item = _defect_item(root, np.zeros(FAKE_SIZE, np.uint8))
+    assert item["label"] == 1 and item["mask"].sum() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second read of the same file is silent
+        _defect_item(root, np.zeros(FAKE_SIZE, np.uint8))
