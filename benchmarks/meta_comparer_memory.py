@@ -10,7 +10,8 @@ through ``/proc/self/clear_refs``) above its resident set before the call.
 
 Rows:
 - ``train_step``: forward + backward + Adam step of MetaComparer on B episodes (B queries + B x R references).
-- ``inference``: anomaly scores + maps of B test images against a reference bank (bank built beforehand).
+- ``inference``: anomaly scores + maps of B test images against every patch of ``--bank-images`` references
+  (the bank built beforehand). ``--inference-only`` measures just this row.
 - ``pairs``: co-attention + comparer + the three losses, forward + backward, on random patch features at one
   scale, for N_Q x N_R doubling; with ``max_pair_elements`` small, the comparer runs in recomputed chunks.
 """
@@ -82,8 +83,7 @@ def child(spec: dict) -> dict:
 
         return measure(step, device, spec["repeats"])
 
-    module = MetaComparer(num_query_patches=spec["nq"], num_reference_patches=spec["nr"],
-                          test_reference_patches=spec["test_reference_patches"]).to(device)
+    module = MetaComparer(num_query_patches=spec["nq"], num_reference_patches=spec["nr"]).to(device)
     if spec["kind"] == "train_step":
         module.train()
         optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
@@ -102,8 +102,9 @@ def child(spec: dict) -> dict:
         with torch.no_grad():
             start = time.perf_counter()
             module.bank = module.model.reference_bank(torch.rand(spec["bank_images"], 3, size, size, device=device),
-                                                      batch, spec["test_reference_patches"])
+                                                      batch)
             bank_seconds = time.perf_counter() - start
+        bank_patches = [int(scale.shape[1]) for scale in module.bank]
         images = torch.rand(batch, 3, size, size, device=device)
 
         def step():
@@ -111,7 +112,7 @@ def child(spec: dict) -> dict:
                 module.anomaly_scores(images)
 
         result = measure(step, device, spec["repeats"])
-        result["bank_seconds"] = round(bank_seconds, 2)
+        result.update(bank_seconds=round(bank_seconds, 2), bank_patches=bank_patches)
     result["images_per_second"] = round(batch / result["seconds"], 2)
     return result
 
@@ -137,11 +138,11 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=2, help="reference images per training query")
     parser.add_argument("--num-query-patches", type=int, default=128)
     parser.add_argument("--num-reference-patches", type=int, default=128)
-    parser.add_argument("--test-reference-patches", type=int, default=1024)
     parser.add_argument("--bank-images", type=int, default=100, help="reference images of the inference bank")
     parser.add_argument("--pair-sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024],
                         help="N_Q = N_R values; the products in between (N_Q, 2 N_Q) are measured too")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inference-only", action="store_true", help="skip the training step and pair rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "meta_comparer_memory")
@@ -152,10 +153,12 @@ def main() -> None:
 
     base = {"device": args.device, "batch": args.batch, "image_size": args.image_size, "threads": args.threads,
             "repeats": args.repeats, "references": args.references, "nq": args.num_query_patches,
-            "nr": args.num_reference_patches, "test_reference_patches": args.test_reference_patches,
+            "nr": args.num_reference_patches,
             "bank_images": args.bank_images, "channels": 64, "max_pair_elements": 2**25}
-    rows = [run_child({**base, "kind": "train_step"}), run_child({**base, "kind": "inference"})]
-    for chunked in (False, True):
+    rows = [run_child({**base, "kind": "inference"})]
+    if not args.inference_only:
+        rows.insert(0, run_child({**base, "kind": "train_step"}))
+    for chunked in () if args.inference_only else (False, True):
         for n in args.pair_sizes:
             for nq, nr in ((n, n), (n, 2 * n)):
                 if nq == args.pair_sizes[-1] and nr > nq:
@@ -166,17 +169,18 @@ def main() -> None:
     (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
     lines = [f"Device: {args.device}, {args.threads} thread(s); batch {args.batch}; {args.image_size} px.", "",
              "| measurement | N_Q | N_R | peak memory (MiB) | s / call | images / s |", "|---|---|---|---|---|---|"]
-    for row in rows[:2]:
+    for row in rows[:1 if args.inference_only else 2]:
         label = (f"training step (B={args.batch} queries, R={args.references} refs each)" if row["kind"] == "train_step"
                  else f"inference (B={args.batch}; bank: {args.bank_images} refs, "
-                      f"{args.test_reference_patches} patches/scale, built in {row['bank_seconds']} s)")
+                      f"every patch: {' / '.join(map(str, row['bank_patches']))} per scale, built in {row['bank_seconds']} s)")
         lines.append(f"| {label} | {row['nq']} | {row['nr']} | {row['peak_mib']} | {row['seconds']} | "
                      f"{row['images_per_second']} |")
-    lines += ["", "Peak memory of co-attention + comparer + losses (forward + backward, one scale, B="
-              f"{args.batch}, D=64, hidden 64) as N_Q x N_R doubles:", "",
-              "| N_Q x N_R | N_Q | N_R | unchunked peak (MiB) | chunked (2^20 pair elements) peak (MiB) |",
-              "|---|---|---|---|---|"]
     pairs = [r for r in rows if r["kind"] == "pairs"]
+    if pairs:
+        lines += ["", "Peak memory of co-attention + comparer + losses (forward + backward, one scale, B="
+                  f"{args.batch}, D=64, hidden 64) as N_Q x N_R doubles:", "",
+                  "| N_Q x N_R | N_Q | N_R | unchunked peak (MiB) | chunked (2^20 pair elements) peak (MiB) |",
+                  "|---|---|---|---|---|"]
     plain = [r for r in pairs if r["max_pair_elements"] == 2**30]
     chunked = {(r["nq"], r["nr"]): r for r in pairs if r["max_pair_elements"] == 2**20}
     for row in plain:

@@ -23,7 +23,7 @@ FAST = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"
         "--data.init_args.domains", "[brick, grass, wood]", "--data.init_args.held_out", "wood",
         "--data.init_args.image_size", "64", "--data.init_args.batch_size", "4",
         "--model.init_args.num_query_patches", "32", "--model.init_args.num_reference_patches", "48",
-        "--model.init_args.test_reference_patches", "null", "--model.init_args.rank_pairs", "64",
+        "--model.init_args.rank_pairs", "64",
         "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
 
@@ -152,11 +152,48 @@ def test_image_score_is_the_max_of_the_anomaly_map():
     model = MetaComparerModel(BackboneSpec(), layers=[2, 3, 4], channels=16, comparer_hidden=[8])
     model.eval()
     with torch.no_grad():
-        bank = model.reference_bank(torch.rand(3, 3, 64, 64), batch_size=2, max_patches=50)
-        assert [tuple(b.shape) for b in bank] == [(1, 50, 8), (1, 48, 8), (1, 12, 8)]
+        bank = model.reference_bank(torch.rand(3, 3, 64, 64), batch_size=2)
+        assert [tuple(b.shape) for b in bank] == [(1, 3 * 64, 8), (1, 3 * 16, 8), (1, 3 * 4, 8)]  # every patch
         scores, maps = model(torch.rand(2, 3, 64, 64), bank)
     assert maps.shape == (2, 64, 64)
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+
+
+def test_scores_against_the_full_bank_in_chunks_equal_the_unchunked_scores():
+    torch.manual_seed(0)
+    model = MetaComparerModel(BackboneSpec(weights="random"), layers=[2, 3, 4], channels=16, comparer_hidden=[8])
+    model.eval()
+    queries = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        bank = model.reference_bank(torch.rand(5, 3, 64, 64), batch_size=2)
+        model.comparer.max_pair_elements = 2**30  # one chunk: every pair at once
+        whole = model(queries, bank)
+        model.comparer.max_pair_elements = 2 * 64 * 8 * 7  # chunks of 7 reference patches at the finest scale
+        chunked = model(queries, bank)
+    for expected, actual in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_reference_bank_holds_every_patch_and_grows_with_the_reference_fraction(surfaces_root, tmp_path,
+                                                                                monkeypatch):
+    # the surfaces config at 128 px (16x16, 8x8, 4x4 patches per reference), tested untrained
+    banks = []
+    build = MetaComparerModel.reference_bank
+
+    def recording(self, references, *args, **kwargs):
+        bank = build(self, references, *args, **kwargs)
+        banks.append((references.shape[0], [scale.shape[1] for scale in bank]))
+        return bank
+
+    monkeypatch.setattr(MetaComparerModel, "reference_bank", recording)
+    for fraction in ("0.25", "1.0"):
+        main(["test", "--config", CONFIG, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--run.wandb", "false", "--run.root", str(tmp_path), "--data.init_args.root", str(surfaces_root),
+              "--data.init_args.domains", "[brick, wood]", "--data.init_args.held_out", "wood",
+              "--data.init_args.reference_fraction", fraction, "--trainer.limit_test_batches", "1"])
+    (few, few_bank), (all_refs, all_bank) = banks
+    assert few < all_refs
+    assert few_bank == [few * 256, few * 64, few * 16] and all_bank == [all_refs * 256, all_refs * 64, all_refs * 16]
 
 
 def test_knn_baseline_map_peaks_on_a_planted_defect():

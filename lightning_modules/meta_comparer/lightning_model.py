@@ -41,8 +41,6 @@ class MetaComparer(AnomalyDetectionModule):
         backbone_trainable: backbone module prefixes to fine-tune; default frozen.
         channels, pyramid_passes, patch_size, attention_dim, comparer_hidden, num_query_patches,
         num_reference_patches, max_pair_elements, reference_pooling: see ``MetaComparerModel``.
-        test_reference_patches: at test, keep a fixed random subset of this many reference patches per
-            scale (None = every patch of every reference image).
         cls_loss, att_loss, rank_loss: switch L_cls (eq. 2), L_att (eq. 3), L_rank (eq. 4). Without L_att
             the co-attention projections are frozen at their initialisation.
         rank_lambda: lambda of L_rank's pair weight.
@@ -65,7 +63,6 @@ class MetaComparer(AnomalyDetectionModule):
         num_reference_patches: int | None = 256,
         max_pair_elements: int = 2**25,
         reference_pooling: str = "max",
-        test_reference_patches: int | None = None,
         cls_loss: bool = True,
         att_loss: bool = True,
         rank_loss: bool = True,
@@ -78,8 +75,6 @@ class MetaComparer(AnomalyDetectionModule):
             raise ValueError("the comparer learns only from cls_loss or rank_loss; enable at least one of them")
         if rank_pairs is not None and rank_pairs < 1:
             raise ValueError(f"rank_pairs must be a positive int or None (all pairs), got {rank_pairs}")
-        if test_reference_patches is not None and test_reference_patches < 1:
-            raise ValueError(f"test_reference_patches must be a positive int or None, got {test_reference_patches}")
         self.save_hyperparameters()
         self.model = MetaComparerModel(
             backbone or BackboneSpec(), list(layers or [2, 3, 4]), backbone_trainable, channels, pyramid_passes,
@@ -90,7 +85,6 @@ class MetaComparer(AnomalyDetectionModule):
         self.losses = {"cls": cls_loss, "att": att_loss, "rank": rank_loss}
         self.rank_lambda = rank_lambda
         self.rank_pairs = rank_pairs
-        self.test_reference_patches = test_reference_patches
         self.bank: list[torch.Tensor] = []
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -117,7 +111,7 @@ class MetaComparer(AnomalyDetectionModule):
     def on_test_start(self) -> None:
         references = target_references(self.trainer).to(self.device)
         batch_size = getattr(self.trainer.datamodule, "batch_size", 16)
-        self.bank = self.model.reference_bank(references, batch_size, self.test_reference_patches)
+        self.bank = self.model.reference_bank(references, batch_size)
 
     def on_test_end(self) -> None:
         self.bank = []

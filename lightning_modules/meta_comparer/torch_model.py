@@ -205,11 +205,11 @@ class MetaComparerModel(nn.Module):
         return output
 
     @torch.no_grad()
-    def reference_bank(self, references: torch.Tensor, batch_size: int = 16,
-                       max_patches: int | None = None, seed: int = 0) -> list[torch.Tensor]:
-        """Target normals [N, 3, H, W] -> per scale W_r r of every reference patch [1, M_i, hidden].
+    def reference_bank(self, references: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+        """Target normals [N, 3, H, W] -> per scale W_r r of every patch of every reference [1, N h_i w_i, hidden].
 
-        ``max_patches`` keeps a fixed random subset of that many patches per scale (None = all).
+        Like the k-NN and PaDiM baselines, the comparer sees every reference patch; ``patch_score_maps``
+        scores against the whole bank in chunks of ``max_pair_elements``, so memory stays bounded.
         """
         levels: list[list[torch.Tensor]] = []
         for start in range(0, references.shape[0], batch_size):
@@ -218,14 +218,7 @@ class MetaComparerModel(nn.Module):
                 levels = [[] for _ in maps]
             for store, level in zip(levels, maps, strict=True):
                 store.append(_flat_patches(level).reshape(-1, level.shape[1]))
-        generator = torch.Generator().manual_seed(seed)
-        bank = []
-        for store in levels:
-            patches = torch.cat(store)
-            if max_patches is not None and max_patches < patches.shape[0]:
-                patches = patches[torch.randperm(patches.shape[0], generator=generator)[:max_patches].to(patches.device)]
-            bank.append(self.comparer.reference_in(patches)[None])
-        return bank
+        return [self.comparer.reference_in(torch.cat(store))[None] for store in levels]
 
     def patch_score_maps(self, queries: torch.Tensor, bank: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of s_i^j for every query patch against the whole reference bank: per scale [B, h_i, w_i]."""
