@@ -75,7 +75,7 @@ def meta_comparer_args(root: Path, runs: Path, context: dict) -> list[str]:
     return [*config("meta_comparer/surfaces.yaml"), *QUIET, "--data.init_args.root", str(root),
             "--data.init_args.domains", "[brick, grass, wood]", "--data.init_args.held_out", "wood",
             "--data.init_args.image_size", "64", "--model.init_args.num_query_patches", "32",
-            "--model.init_args.num_reference_patches", "48", "--model.init_args.test_reference_patches", "null",
+            "--model.init_args.num_reference_patches", "48",
             "--model.init_args.rank_pairs", "64", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "1", "--run.root", str(runs)]
 
