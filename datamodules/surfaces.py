@@ -43,6 +43,11 @@ PHOTO_PALETTES = {
 }
 TERRAZZO_CHIP_COLOURS = ((0.62, 0.22, 0.12), (0.20, 0.25, 0.36), (0.93, 0.88, 0.74), (0.10, 0.10, 0.10),
                          (0.35, 0.50, 0.35))
+# scikit-image photographs of objects and scenes that no category is cut from (the photo categories use
+# brick, grass and gravel): the pools of pasted negatives and of GMM pre-training, disjoint from every
+# surfaces image.
+PHOTOS_OUTSIDE_SURFACES = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "immunohistochemistry",
+                           "hubble_deep_field", "retina", "camera", "coins", "clock", "moon", "page")
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,15 @@ def render_texture(category: str, rng: np.random.Generator, size: int) -> np.nda
     # Mild acquisition variation: exposure and sensor noise.
     image = image * rng.uniform(0.95, 1.05) + rng.normal(0.0, 0.01, image.shape)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    """A scikit-image photograph as RGB uint8 [H, W, 3]."""
+    image = getattr(skimage.data, name)()
+    image = image[0] if isinstance(image, tuple) else image  # stereo pairs: the left view
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
 @cache

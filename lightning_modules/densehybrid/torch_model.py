@@ -17,7 +17,6 @@ Two builds:
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50
 
-from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor, ImageNormalizer
+from lightning_modules.components.torch_files import load_torch_file
 
 Build = Literal["light", "deeplabv3_resnet50"]
 FreezePolicy = Literal["all", "backbone", "none"]
@@ -81,12 +81,10 @@ class ResNetEncoder(nn.Module):
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
-        mean, std = IMAGENET_MEAN_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.normalizer = ImageNormalizer(*IMAGENET_MEAN_STD)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.body((images - self.mean) / self.std)["out"]]
+        return [self.body(self.normalizer(images))["out"]]
 
 
 class AsppDecoder(nn.Module):
@@ -114,11 +112,7 @@ def load_deeplabv3_resnet50(weights: str | None) -> nn.Module:
             f"or deeplab_weights={RANDOM_WEIGHTS} for an untrained network. Nothing is downloaded; offline, "
             "use build=light."
         )
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"deeplab_weights={weights!r}: no such file (expected a torchvision "
-                                "DeepLabV3-ResNet-50 state dict)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(weights, "deeplab_weights", "a torchvision DeepLabV3-ResNet-50 state dict")
     state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
     try:
         model.load_state_dict(state)

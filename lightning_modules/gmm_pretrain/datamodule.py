@@ -22,20 +22,10 @@ from datamodules.base import categories_tag, resolve_root, safe_tag
 from datamodules.dataset import read_image
 from datamodules.readers import read_category
 from datamodules.sampling import resumable_loader
+from datamodules.surfaces import PHOTOS_OUTSIDE_SURFACES, skimage_photo
 from lightning_modules.components.gmm_defects import num_outputs, sample_gmm_params
 
-#: scikit-image photographs that none of the "surfaces" categories is cut from (those use brick, grass, gravel).
-SKIMAGE_PHOTOS = ("astronaut", "camera", "cell", "chelsea", "coffee", "coins", "hubble_deep_field",
-                  "immunohistochemistry", "moon", "page", "retina", "rocket", "text")
 SKIMAGE = "skimage"
-
-
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    if image.dtype != np.uint8:
-        image = (np.clip(image, 0, 1) * 255).astype(np.uint8) if image.max() <= 1 else image.astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return np.ascontiguousarray(image[..., :3])
 
 
 class NormalPool:
@@ -43,13 +33,13 @@ class NormalPool:
     scikit-image photographs (held in memory)."""
 
     def __init__(self, pool: str, root: str | None, categories: Sequence[str] | None,
-                 photos: Sequence[str] = SKIMAGE_PHOTOS) -> None:
+                 photos: Sequence[str] = PHOTOS_OUTSIDE_SURFACES) -> None:
         self.pool = pool
         if pool == SKIMAGE:
             unknown = [name for name in photos if not callable(getattr(skimage.data, name, None))]
             if unknown or not photos:
                 raise ValueError(f"pool=skimage: photos must be skimage.data image names, got unknown {unknown}")
-            self.photos = [_as_rgb_uint8(getattr(skimage.data, name)()) for name in photos]
+            self.photos = [skimage_photo(name) for name in photos]
             self.paths: list[str] = []
             return
         if not categories:
@@ -149,7 +139,7 @@ class GMMPretrainDataModule(LightningDataModule):
         self.pool_name = pool
         self.root = root
         self.categories = list(categories or [])
-        self.photos = list(photos or SKIMAGE_PHOTOS)
+        self.photos = list(photos or PHOTOS_OUTSIDE_SURFACES)
         self.image_size = image_size
         self.num_gaussians = num_gaussians
         self.num_channels = num_channels

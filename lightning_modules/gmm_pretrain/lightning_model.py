@@ -28,7 +28,8 @@ class GMMPretrain(ShiftADModule):
     (``val/direct``, ``val/indirect``) and writes a Figure-5-like grid (normal, pseudo-defect,
     re-rendering from θ̂). ``test`` reports both losses on the held-out test pairs, averaged over
     distinct pairs (``test/direct``, ``test/indirect``), the same on any number of processes. At the end of fit the backbone (without the head) is written to
-    ``<run folder>/backbone.pth``, for ``backbone: {name: ..., weights: <that file>}``.
+    ``<run folder>/backbone.pth`` with its architecture and normalisation as metadata, for
+    ``backbone: {name: ..., weights: <that file>}``.
 
     Args:
         backbone: the network to pre-train and where its initial weights come from.
@@ -100,12 +101,10 @@ class GMMPretrain(ShiftADModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         normal, anomalous, target = self.pseudo_defects(batch)
         predicted = self.model(anomalous)
-        for i in range(normal.shape[0]):
-            pick = slice(i, i + 1)
-            losses = self.both_losses(normal[pick], anomalous[pick], GMMParams(*(t[pick] for t in vars(target).values())),
-                                      GMMParams(*(t[pick] for t in vars(predicted).values())))
-            for name, value in losses.items():
-                self.test_losses[name].update(value.reshape(1), torch.zeros(1), batch["index"][pick])
+        losses = {"direct": direct_loss(target, predicted, reduction="none"),
+                  "indirect": indirect_loss(normal, anomalous, predicted, reduction="none")}
+        for name, per_pair in losses.items():
+            self.test_losses[name].update(per_pair, torch.zeros_like(per_pair), batch["index"])
 
     def on_test_epoch_end(self) -> None:
         for name, collector in self.test_losses.items():
@@ -131,5 +130,5 @@ class GMMPretrain(ShiftADModule):
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / BACKBONE_FILE
-            torch.save(self.model.backbone_state_dict(), path)
+            self.model.save_backbone(path, f"GMM pre-training, L_{self.loss}, of {self.model.weights_source}")
             rank_zero_info(f"pre-trained backbone written to {path} (use it as backbone.weights)")

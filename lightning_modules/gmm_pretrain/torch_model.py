@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from timm.models import split_model_name_tag
 from torch import nn
 
-from lightning_modules.components.backbone import BackboneSpec, build_backbone
+from lightning_modules.components.backbone import BackboneSpec, build_backbone, save_backbone_weights
 from lightning_modules.components.gmm_defects import GMMParams, num_outputs
 
 
@@ -22,18 +25,22 @@ class GMMRegressor(nn.Module):
         super().__init__()
         self.num_gaussians = num_gaussians
         self.num_channels = num_channels
-        self.network, (mean, std), self.weights_source = build_backbone(backbone)
+        self.arch = split_model_name_tag(backbone.name)[0]
+        self.network, self.normalizer, self.weights_source = build_backbone(backbone)
         self.network.reset_classifier(num_outputs(num_gaussians, num_channels))
         self.head_prefix = self.network.pretrained_cfg["classifier"] + "."
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> GMMParams:
         """images [B, 3, H, W] in [0, 1] -> θ̂_GMM."""
-        logits = self.network((images - self.mean) / self.std)
+        logits = self.network(self.normalizer(images))
         return GMMParams.from_logits(logits.float(), self.num_gaussians, self.num_channels)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The timm state dict without the regression head: what ``BackboneSpec(weights=...)`` loads."""
+        """The timm state dict without the regression head."""
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()
                 if not k.startswith(self.head_prefix)}
+
+    def save_backbone(self, path: str | Path, source: str) -> None:
+        """Writes the headless backbone with its architecture and the normalisation it was trained with, for
+        ``BackboneSpec(weights=path)``."""
+        save_backbone_weights(path, self.backbone_state_dict(), self.arch, self.normalizer, source)
