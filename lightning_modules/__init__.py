@@ -3,6 +3,7 @@
 Importing this package registers every method for ``python cli.py --help`` and short class names.
 """
 
+from lightning_modules.adda import ADDA
 from lightning_modules.base import AnomalyDetectionModule, ShiftADModule
 from lightning_modules.csflow import CSFlow, CSFlowAdaptation
 from lightning_modules.dann import DANN
@@ -17,6 +18,7 @@ from lightning_modules.meta_comparer import (
 from lightning_modules.padim import Padim
 
 __all__ = [
+    "ADDA",
     "AnomalyDetectionModule",
     "CSFlow",
     "CSFlowAdaptation",

@@ -51,7 +51,7 @@ class Case:
 
 def dann_args(mode: str) -> Callable[[Path, Path, dict], list[str]]:
     def args(root: Path, runs: Path, context: dict) -> list[str]:
-        extra = ["--model.init_args.adda_pretrain_epochs", "1"] if mode == "adda" else []
+        extra = ["--model.init_args.pretrain_epochs", "1"] if mode == "adda" else []
         return [*config(f"dann/surfaces_{mode}.yaml"), *QUIET, "--data.init_args.root", str(root),
                 "--data.init_args.category", "grass", "--data.init_args.image_size", "32",
                 "--run.root", str(runs), *extra]
@@ -107,7 +107,8 @@ def densehybrid_args(root: Path, runs: Path, context: dict) -> list[str]:
 
 CASES = [
     Case("dann", "dann", dann_args("dann"), steps=5, preempt_at=2),
-    Case("adda", "adda", dann_args("adda"), steps=5, preempt_at=2, ddp_strategy="ddp_find_unused_parameters_true"),
+    # 3 source batches (1 step each), then 2 steps per adversarial batch: stopped inside the adversarial phase
+    Case("adda", "adda", dann_args("adda"), steps=9, preempt_at=5, ddp_strategy="ddp_find_unused_parameters_true"),
     # no trainable BatchNorm: the curves differ only where the sampler pads an epoch's last batch
     Case("csflow", "csflow", csflow_args, steps=4, preempt_at=2, loss_rtol=0.01),
     Case("csflow_adapt", "csflow_adapt", csflow_adapt_args, steps=3, preempt_at=1, batch_size=2,

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 
 from cli import main
 from datamodules import PairedDomainDataModule
+from lightning_modules.adda import ADDA
 from lightning_modules.components.discriminator import DomainDiscriminator, domain_loss
 from lightning_modules.components.gradient_reversal import (
     GradientReversal,
@@ -18,8 +19,8 @@ from lightning_modules.components.gradient_reversal import (
     reverse_gradient,
 )
 from lightning_modules.components.inverse_decay_lr import InverseDecayLR
+from lightning_modules.components.pooled_encoder import batch_norms
 from lightning_modules.dann import DANN
-from lightning_modules.dann.torch_model import batch_norms
 from tests.methods import logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,15 @@ def tiny_module(mode="dann", **kwargs) -> DANN:
     return DANN(mode=mode, trainable=["blocks.6"], bottleneck_dim=8, discriminator_hidden=16, **kwargs)
 
 
+def tiny_adda(**kwargs) -> ADDA:
+    return ADDA(trainable=["blocks.6"], bottleneck_dim=8, discriminator_hidden=16, pretrain_epochs=1, **kwargs)
+
+
+def tiny_trainer(tmp_path, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
 def test_discriminator_sees_both_domains_in_one_pass():
     module = tiny_module()
     module.reversal_lambda = lambda: 0.5  # no trainer here
@@ -125,6 +135,33 @@ def test_adabn_estimates_target_statistics_from_target_images():
     assert torch.equal(getattr(model.target_statistics, f"mean_{frozen}"), layers[frozen].running_mean)
 
 
+def test_adabn_statistics_are_the_exact_moments_of_each_layers_input_over_all_target_images():
+    # Batches of unequal size and content: averaging per-batch variances would miss the variance between them,
+    # and batch statistics in the earlier layers would not be what evaluation feeds the later ones.
+    model = tiny_module(mode="adabn").model.eval()
+    torch.manual_seed(0)
+    batches = [torch.rand(5, 3, 32, 32) * 0.2, torch.rand(3, 3, 32, 32) * 0.5 + 0.5, torch.rand(2, 3, 32, 32)]
+    model.estimate_target_statistics(batches)
+    names = dict(model.encoder.named_modules())
+    estimated = [n for n in model.target_statistics.layer_names
+                 if any(p.requires_grad for p in names[n].parameters())]
+    assert len(estimated) > 3
+    inputs = {}
+    handles = [names[n].register_forward_pre_hook(lambda _m, args, n=n: inputs.__setitem__(n, args[0].double()))
+               for n in estimated]
+    model.features(torch.cat(batches), "target")  # eval: every layer normalises with the stored target statistics
+    for handle in handles:
+        handle.remove()
+    for name in estimated:
+        index = model.target_statistics.layer_names.index(name)
+        values = inputs[name].transpose(0, 1).reshape(inputs[name].shape[1], -1)
+        mean, var = values.mean(dim=1), values.var(dim=1, unbiased=True)
+        stored_mean = getattr(model.target_statistics, f"mean_{index}").double()
+        stored_var = getattr(model.target_statistics, f"var_{index}").double()
+        assert torch.allclose(stored_mean, mean, rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(stored_var, var, rtol=1e-4, atol=1e-6), name
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         DANN(mode="dan")
@@ -132,8 +169,10 @@ def test_bad_options_are_clear_errors():
         DANN(bn_policy="shared")
     with pytest.raises(ValueError, match="bn_policy='frozen'"):
         DANN(mode="adabn", bn_policy="frozen")
-    with pytest.raises(ValueError, match="adda_pretrain_epochs"):
-        DANN(mode="adda", adda_pretrain_epochs=0)
+    with pytest.raises(ValueError, match="lightning_modules.adda.ADDA"):
+        DANN(mode="adda")
+    with pytest.raises(ValueError, match="pretrain_epochs"):
+        ADDA(pretrain_epochs=0)
 
 
 class SnapshotSourceAtAdversarialStart(Callback):
@@ -151,13 +190,10 @@ class SnapshotSourceAtAdversarialStart(Callback):
 
 
 def test_adda_leaves_the_source_encoder_and_head_bitwise_unchanged(surfaces_root, tmp_path):
-    module = tiny_module(mode="adda", adda_pretrain_epochs=1)
+    module = tiny_adda()
     data = PairedDomainDataModule(root=str(surfaces_root), category="grass", image_size=32, batch_size=4)
     snapshot = SnapshotSourceAtAdversarialStart()
-    trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshot],
-                      default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=data)
+    tiny_trainer(tmp_path, max_epochs=3, callbacks=[snapshot]).fit(module, datamodule=data)
     model = module.model
     assert snapshot.source is not None and bool(model.target_encoder_ready)
     after = {k: v for m in ("encoder", "head") for k, v in getattr(model, m).state_dict(prefix=f"{m}.").items()}
@@ -166,6 +202,19 @@ def test_adda_leaves_the_source_encoder_and_head_bitwise_unchanged(surfaces_root
     assert not any(p.requires_grad for m in (model.encoder, model.head) for p in m.parameters())
     moved = [k for k, v in model.target_encoder.state_dict().items() if not torch.equal(v, snapshot.target[k])]
     assert moved, "the target encoder must be trained in the adversarial phase"
+
+
+def test_adda_discriminator_sees_both_domains_in_every_pass(surfaces_root, tmp_path):
+    module = tiny_adda()
+    data = PairedDomainDataModule(root=str(surfaces_root), category="grass", image_size=32, batch_size=4)
+    seen = []
+    module.model.discriminator.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+    tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(module, datamodule=data)
+    # 2 adversarial batches, each a D step and an M_t step, each one pass over 4 source + 4 target features
+    assert [features.shape[0] for features in seen] == [8, 8, 8, 8]
+    for d_step, target_step in zip(seen[::2], seen[1::2], strict=True):
+        assert torch.equal(d_step[:4], target_step[:4])  # the frozen M_s(x_s) in both passes
+        assert not torch.allclose(d_step[:4], d_step[4:])  # and M_t(x_t) beside it
 
 
 def test_two_categories_fit_and_test_through_the_cli(surfaces_root, tmp_path):
@@ -186,8 +235,6 @@ def test_two_categories_fit_and_test_through_the_cli(surfaces_root, tmp_path):
 @pytest.mark.parametrize("mode", ["source_only", "adabn"])  # dann and adda: tests/test_matrix.py
 def test_other_modes_fit_and_test_in_bf16_mixed(surfaces_root, tmp_path, mode):
     extra = ["--trainer.precision", "bf16-mixed", "--run.test_after_fit", "true"]
-    if mode == "adda":
-        extra += ["--model.init_args.adda_pretrain_epochs", "1"]
     main(["fit", *cli_args(surfaces_root, tmp_path, mode=mode, epochs=2, extra=extra)])
     run_dir = tmp_path / mode / "surfaces-grass-gray-to-none-da" / "version_0"
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]

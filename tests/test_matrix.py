@@ -156,6 +156,8 @@ def test_preempted_fit_resumes_to_bitwise_the_same_weights(case, surfaces_root, 
     saved = torch.load(last_checkpoint(preempted, case), weights_only=True)
     final = torch.load(last_checkpoint(straight, case), weights_only=True)
     assert 0 < batches_trained(saved) < batches_trained(final)  # stopped mid-fit
+    if case.name == "adda":  # stopped inside the adversarial phase, where M_s must stay frozen after the resume
+        assert bool(saved["state_dict"]["model.target_encoder_ready"])
 
     main(["fit", *fit_args(case, surfaces_root, preempted, context), "--ckpt_path", "last"])
     resumed = torch.load(last_checkpoint(preempted, case), weights_only=True)

@@ -1,92 +1,100 @@
 """Domain-adaptive normal/defect classifier (paper 000): encoder G_f, label head G_y, domain discriminator G_d.
 
-Encoder = backbone stage → global average pool → bottleneck (Linear → BN → ReLU). The head gives one
-defect logit. DANN puts a gradient-reversal layer between the encoder and the discriminator; ADDA keeps
-the source encoder and trains a separate target encoder M_t against the discriminator.
+Encoder = backbone stage → global pooling → bottleneck (Linear → BN → ReLU) (``PooledEncoder``). The head
+gives one defect logit. DANN puts a gradient-reversal layer between the encoder and the discriminator.
 
 BatchNorm policy of the encoder:
 
 - ``joint``: source and target go through in one batch, so the statistics are shared (tllib's recipe);
-- ``per_domain``: each domain has its own batch statistics and its own running statistics (the target's
-  are swapped in while target images are encoded);
+- ``per_domain``: each domain has its own batch statistics and its own running statistics (the target's are
+  kept in ``TargetBatchNormStatistics`` and handed to the encoder with ``torch.func.functional_call``);
 - ``frozen``: every BatchNorm of the encoder stays in eval mode with its loaded statistics.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.discriminator import DomainDiscriminator
 from lightning_modules.components.gradient_reversal import reverse_gradient
+from lightning_modules.components.pooled_encoder import PooledEncoder, batch_norms, named_batch_norms
 
 BN_POLICIES = ("joint", "per_domain", "frozen")
-POOLINGS = ("avg", "max")
 DOMAINS = ("source", "target")
 
 
-class Encoder(nn.Module):
-    """G_f: images [B, 3, H, W] in [0, 1] -> features [B, bottleneck_dim].
-
-    ``pooling``: ``avg`` (global average, as in ResNet) or ``max`` (global max: a small local defect is not
-    averaged away over the whole image).
-    """
-
-    def __init__(self, backbone: BackboneSpec, layer: str | int, trainable: list[str], bottleneck_dim: int,
-                 pooling: str = "avg") -> None:
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
-        self.extractor = FeatureExtractor(backbone, [layer], trainable)
-        self.layer = self.extractor.layers[0]
-        self.bottleneck = nn.Sequential(
-            nn.Linear(self.extractor.out_channels[0], bottleneck_dim), nn.BatchNorm1d(bottleneck_dim), nn.ReLU()
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feature_map = self.extractor(images)[self.layer]
-        pooled = feature_map.mean(dim=(2, 3)) if self.pooling == "avg" else feature_map.amax(dim=(2, 3))
-        return self.bottleneck(pooled)
-
-
 class TargetBatchNormStatistics(nn.Module):
-    """A second set of running statistics (the target domain's) for every BatchNorm of a module.
+    """The target domain's running statistics for every BatchNorm of an encoder; the layers' own are the source's.
 
-    Buffers are stored by position, so the set survives SyncBatchNorm conversion (same modules, same order)
-    and is saved in checkpoints. All ranks swap at the same points, so DDP's buffer broadcast stays consistent.
+    Stored by position (``mean_<i>``, ``var_<i>``, ``count_<i>``), so checkpoints keep their keys, and keyed to
+    the layers by name at use, which survives SyncBatchNorm conversion (same names). As plain buffers they load
+    with ``weights_only`` and DDP broadcasts them like any other.
     """
 
-    def __init__(self, layers: list[_BatchNorm]) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        for index, layer in enumerate(layers):
+        layers = named_batch_norms(encoder)
+        self.layer_names = [name for name, _ in layers]
+        for index, (_, layer) in enumerate(layers):
             self.register_buffer(f"mean_{index}", layer.running_mean.detach().clone())
             self.register_buffer(f"var_{index}", layer.running_var.detach().clone())
             self.register_buffer(f"count_{index}", layer.num_batches_tracked.detach().clone())
-        self.size = len(layers)
 
-    def swap(self, layers: list[_BatchNorm]) -> None:
-        """Exchanges these statistics with the layers' live ones.
+    def as_encoder_buffers(self) -> dict[str, torch.Tensor]:
+        """{encoder buffer name: target tensor}, for ``functional_call`` (BatchNorm updates them in place)."""
+        buffers = {}
+        for index, name in enumerate(self.layer_names):
+            buffers[f"{name}.running_mean"] = getattr(self, f"mean_{index}")
+            buffers[f"{name}.running_var"] = getattr(self, f"var_{index}")
+            buffers[f"{name}.num_batches_tracked"] = getattr(self, f"count_{index}")
+        return buffers
 
-        The tensor objects change places (nothing is written in place), so tensors that autograd saved in an
-        earlier forward pass are left as they were.
-        """
-        if len(layers) != self.size:
-            raise RuntimeError(f"expected {self.size} BatchNorm layers, found {len(layers)}")
-        for index, layer in enumerate(layers):
-            for live, kept in (("running_mean", f"mean_{index}"), ("running_var", f"var_{index}"),
-                               ("num_batches_tracked", f"count_{index}")):
-                layer._buffers[live], self._buffers[kept] = self._buffers[kept], layer._buffers[live]
+    def set(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+        index = self.layer_names.index(name)
+        getattr(self, f"mean_{index}").copy_(mean)
+        getattr(self, f"var_{index}").copy_(var)
 
 
-def batch_norms(module: nn.Module) -> list[_BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+class _LayerReached(Exception):
+    """Stops a forward pass once the layer whose input is being measured has seen it."""
+
+
+class ChannelMoments:
+    """Exact per-channel mean and unbiased variance of tensors [N, C, ...] seen batch by batch (float64).
+
+    Batches are merged with Chan et al.'s pairwise update, so the result is that of all values at once,
+    including the variance between batches.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = self.m2 = None
+
+    def add(self, values: torch.Tensor) -> None:
+        channels = values.detach().double().transpose(0, 1).reshape(values.shape[1], -1)
+        count = channels.shape[1]
+        mean = channels.mean(dim=1)
+        m2 = (channels - mean[:, None]).pow(2).sum(dim=1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * count / total)
+        self.count = total
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, unbiased variance), as BatchNorm stores its running statistics."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 values per channel for a variance, got {self.count}")
+        return self.mean, self.m2 / (self.count - 1)
 
 
 class DomainAdaptiveClassifier(nn.Module):
@@ -100,101 +108,93 @@ class DomainAdaptiveClassifier(nn.Module):
         pooling: ``avg`` or ``max`` global pooling of the backbone map.
         bn_policy: ``joint``, ``per_domain`` or ``frozen`` (see the module docstring).
         discriminator_hidden: hidden width of the domain discriminator; 0 builds none.
-        with_target_encoder: build ADDA's target encoder M_t (a copy of the encoder, made later).
     """
 
     def __init__(self, backbone: BackboneSpec, layer: str | int = -1, trainable: list[str] | None = None,
                  bottleneck_dim: int = 256, pooling: str = "avg", bn_policy: str = "joint",
-                 discriminator_hidden: int = 1024, with_target_encoder: bool = False) -> None:
+                 discriminator_hidden: int = 1024) -> None:
         super().__init__()
         if bn_policy not in BN_POLICIES:
             raise ValueError(f"bn_policy must be one of {BN_POLICIES}, got {bn_policy!r}")
-        if bottleneck_dim < 1:
-            raise ValueError(f"bottleneck_dim must be >= 1, got {bottleneck_dim}")
         self.bn_policy = bn_policy
         trainable = ["*"] if trainable is None else trainable
-        self.encoder = Encoder(backbone, layer, trainable, bottleneck_dim, pooling)
+        self.encoder = PooledEncoder(backbone, layer, trainable, bottleneck_dim, pooling)
         self.head = nn.Linear(bottleneck_dim, 1)  # G_y: one defect logit
         self.discriminator = DomainDiscriminator(bottleneck_dim, discriminator_hidden) if discriminator_hidden else None
-        self.target_statistics = TargetBatchNormStatistics(batch_norms(self.encoder))
+        self.target_statistics = TargetBatchNormStatistics(self.encoder)
         self.use_target_statistics = bn_policy == "per_domain"
-        # ADDA: M_t, initialised from the trained source encoder when adversarial training begins.
-        self.target_encoder = copy.deepcopy(self.encoder) if with_target_encoder else None
-        self.register_buffer("target_encoder_ready", torch.tensor(False))
-        self.source_frozen = False
-
-    # ------------------------------------------------------------------------------------------ modes
 
     def train(self, mode: bool = True) -> DomainAdaptiveClassifier:
         super().train(mode)
         if self.bn_policy == "frozen":
             for layer in batch_norms(self.encoder):
                 layer.eval()
-        if self.source_frozen:
-            self.encoder.eval()
-            self.head.eval()
         return self
 
-    def freeze_source(self) -> None:
-        """ADDA: the source encoder and the head keep their weights and statistics from now on."""
-        for module in (self.encoder, self.head):
-            module.requires_grad_(False)
-            module.eval()
-        self.source_frozen = True
+    def encode_with_target_statistics(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder with the target's running statistics (used, and in train mode updated)."""
+        return functional_call(self.encoder, self.target_statistics.as_encoder_buffers(), (images,))
 
     @torch.no_grad()
-    def init_target_encoder(self) -> None:
-        """ADDA: M_t starts as a copy of the trained source encoder."""
-        if self.target_encoder is None:
-            raise RuntimeError("this model was built without a target encoder (with_target_encoder=False)")
-        self.target_encoder.load_state_dict(self.encoder.state_dict())
-        self.target_encoder_ready.fill_(True)
+    def estimate_target_statistics(self, target_batches: Iterable[torch.Tensor]) -> None:
+        """AdaBN: each re-estimated BatchNorm's target mean and (unbiased) variance become those of its input
+        over all target images, with the earlier layers already normalising with their new target statistics.
 
-    @contextmanager
-    def target_domain_statistics(self) -> Iterator[None]:
-        """Inside, the encoder's BatchNorms use (and, in train mode, update) the target's running statistics."""
-        layers = batch_norms(self.encoder)
-        self.target_statistics.swap(layers)
-        try:
-            yield
-        finally:
-            self.target_statistics.swap(layers)
-
-    @torch.no_grad()
-    def estimate_target_statistics(self, target_images: Iterable[torch.Tensor]) -> None:
-        """AdaBN: the target's running statistics become the exact mean/variance over ``target_images``.
-
-        Only the BatchNorms whose statistics were learned on the source (the trainable ones) are re-estimated.
-        A frozen backbone stage kept its pretrained (ImageNet) statistics for the source too; replacing them
-        with target statistics would feed the head features of a kind it never saw.
+        The layers are estimated one after another in the order the forward pass reaches them: one pass over
+        the target images per layer, each stopped at that layer (a single pass with batch statistics would
+        give the earlier layers' batch-normalised inputs, not what evaluation feeds them). Only the BatchNorms
+        whose statistics were learned on the source (the trainable ones) are re-estimated: a frozen backbone
+        stage kept its pretrained (ImageNet) statistics for the source too, and replacing them with target
+        statistics would feed the head features of a kind it never saw.
         """
-        layers = [layer for layer in batch_norms(self.encoder) if any(p.requires_grad for p in layer.parameters())]
+        batches = list(target_batches)
+        if not batches:
+            raise ValueError("AdaBN needs target images to estimate statistics from; got none")
+        trainable = {id(layer) for layer in batch_norms(self.encoder) if any(p.requires_grad for p in layer.parameters())}
         was_training = self.training
         self.eval()
-        with self.target_domain_statistics():
-            momenta = [layer.momentum for layer in layers]
-            for layer in layers:
-                layer.reset_running_stats()
-                layer.momentum = None  # cumulative average over all batches
-                layer.train()
-            for images in target_images:
-                self.encoder(images)
-            for layer, momentum in zip(layers, momenta, strict=True):
-                layer.momentum = momentum
+        order = self._forward_order(batches[0], [(n, m) for n, m in named_batch_norms(self.encoder)
+                                                 if id(m) in trainable])
+        for name, layer in order:
+            moments = ChannelMoments()
+
+            def measure(_module, inputs, moments=moments):
+                moments.add(inputs[0])
+                raise _LayerReached
+
+            handle = layer.register_forward_pre_hook(measure)
+            try:
+                for images in batches:
+                    try:
+                        self.encode_with_target_statistics(images)
+                    except _LayerReached:
+                        pass
+            finally:
+                handle.remove()
+            mean, var = moments.result()
+            self.target_statistics.set(name, mean, var)
         self.use_target_statistics = True
         self.train(was_training)
 
-    # ------------------------------------------------------------------------------------------ forward
+    def _forward_order(self, images: torch.Tensor, layers: list[tuple[str, _BatchNorm]]) -> list[tuple[str, _BatchNorm]]:
+        """``layers`` sorted by when the forward pass first reaches them."""
+        reached: list[str] = []
+        handles = [layer.register_forward_pre_hook(lambda _m, _i, name=name: reached.append(name))
+                   for name, layer in layers]
+        try:
+            self.encode_with_target_statistics(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        position = {name: reached.index(name) for name in dict.fromkeys(reached)}
+        return sorted((item for item in layers if item[0] in position), key=lambda item: position[item[0]])
 
     def features(self, images: torch.Tensor, domain: str) -> torch.Tensor:
-        """Encoder features of images from one domain, with that domain's encoder and statistics."""
+        """Encoder features of images from one domain, with that domain's statistics."""
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-        if domain == "target" and self.target_encoder is not None and bool(self.target_encoder_ready):
-            return self.target_encoder(images)
         if domain == "target" and self.use_target_statistics:
-            with self.target_domain_statistics():
-                return self.encoder(images)
+            return self.encode_with_target_statistics(images)
         return self.encoder(images)
 
     def paired_features(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
