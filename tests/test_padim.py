@@ -9,7 +9,7 @@ import torch
 
 from cli import main
 from lightning_modules.components.backbone import BackboneSpec
-from lightning_modules.padim import NotFittedError, Padim, PadimModel
+from lightning_modules.padim import DamagedStatisticsError, NotFittedError, Padim, PadimModel
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -81,6 +81,34 @@ def test_fitted_statistics_survive_a_state_dict_round_trip():
     torch.testing.assert_close(restored.anomaly_scores(images[:2])[1], maps)
 
 
+def damaged(state: dict, prefix: str, how: str) -> dict:
+    """A copy of a fitted PaDiM state dict with its statistics damaged the way ``how`` says."""
+    state = dict(state)
+    outer, features = prefix + "outer_sum", prefix + "feature_sum"
+    if how == "nan":
+        state[features] = state[features].clone()
+        state[features][3, 1] = float("nan")
+    elif how == "garbage":
+        state[outer] = torch.randn(state[outer].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    elif how == "not_positive_definite":
+        state[outer] = -state[outer]
+    elif how == "shape":
+        state[features] = state[features][:-1]
+    return state
+
+
+@pytest.mark.parametrize(("how", "problem"), [("nan", "feature_sum holds NaN"), ("garbage", "not symmetric"),
+                                              ("shape", "do not fit"), ("not_positive_definite", "not positive definite")])
+def test_damaged_statistics_are_caught_on_load_or_when_finalised(how, problem):
+    detector = Padim(num_features=10, blur_sigma=1.0)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    detector.model.accumulate(detector.model.embed(images))
+    restored = Padim(num_features=10, blur_sigma=1.0)
+    with pytest.raises(DamagedStatisticsError, match=f"from a loaded state dict are damaged: .*{problem}"):
+        restored.load_state_dict(damaged(detector.state_dict(), "model.", how))
+        restored.anomaly_scores(images[:2])
+
+
 def padim_args(root: Path, runs: Path) -> list[str]:
     return ["--config", str(REPO / "configs/trainer/default.yaml"), "--config",
             str(REPO / "configs/padim/padim_surfaces.yaml"), *QUIET, "--run.root", str(runs),
@@ -117,3 +145,10 @@ def test_fit_and_test_under_bf16_through_the_cli(tmp_path, surfaces_root):
     main(["test", *padim_args(surfaces_root, tmp_path), "--trainer.precision", "bf16-mixed", "--ckpt_path", "last"])
     again = json.loads((run_dir.parent / "version_1" / "results.json").read_text())["metrics"]
     assert again["test/pixel_auroc"] == pytest.approx(metrics["test/pixel_auroc"], abs=1e-6)
+    # A checkpoint damaged inside (the zip intact) is refused with its path, not a linear-algebra error.
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["state_dict"] = damaged(checkpoint["state_dict"], "model.", "not_positive_definite")
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(DamagedStatisticsError, match=f"from checkpoint {broken} are damaged: .*not positive definite"):
+        main(["test", *padim_args(surfaces_root, tmp_path), "--ckpt_path", str(broken)])

@@ -48,6 +48,11 @@ class Padim(AnomalyDetectionModule):
                              f"use --trainer.strategy {FROZEN_DDP} (or --config configs/padim/ddp.yaml) instead of "
                              f"{type(strategy).__name__}")
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        self.model.statistics_origin = f"checkpoint {path}" if path else "the loaded checkpoint"
+
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images)
 

@@ -7,6 +7,8 @@ L of Σ + ε·I) are derived from the sums when first needed and cached.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,15 @@ from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
 
 # The statistics' shapes depend on the feature grid, known only once images arrive.
 STATISTICS = ("feature_sum", "outer_sum")
+FITTED_HERE = "this run's training images"
 
 
 class NotFittedError(RuntimeError):
     """The Gaussians were asked for before any training image was accumulated."""
+
+
+class DamagedStatisticsError(ValueError):
+    """Loaded statistics that no fit can produce: non-finite, mis-shaped, asymmetric or not positive definite."""
 
 
 class PadimModel(nn.Module):
@@ -56,6 +63,9 @@ class PadimModel(nn.Module):
         self.register_buffer("mean", torch.zeros(0), persistent=False)  # μ [P, D]
         self.register_buffer("cholesky", torch.zeros(0), persistent=False)  # L, LLᵀ = Σ + εI, [P, D, D]
         self._gaussians_stale = True
+        self.channel_total = total
+        # Named in the errors of damaged statistics; the LightningModule sets it to the checkpoint it loads.
+        self.statistics_origin = FITTED_HERE
 
     # ------------------------------------------------------------------------------------------ features
 
@@ -69,6 +79,7 @@ class PadimModel(nn.Module):
     # ------------------------------------------------------------------------------------------ statistics
 
     def reset_statistics(self) -> None:
+        self.statistics_origin = FITTED_HERE
         self.count.zero_()
         self.feature_sum = self.feature_sum.new_zeros(0)
         self.outer_sum = self.outer_sum.new_zeros(0)
@@ -119,9 +130,43 @@ class PadimModel(nn.Module):
         if not self.is_fitted:
             raise NotFittedError(f"PaDiM has seen {int(self.count)} training images; it needs at least 2 "
                                  "(run fit first, or load a fitted checkpoint)")
+        cholesky, info = torch.linalg.cholesky_ex(self.covariance())
+        failed = int((info > 0).sum())
+        if failed:
+            raise self._damaged(f"the covariance of {failed} of {info.numel()} positions is not positive definite "
+                                f"even with ε = {self.covariance_eps} added")
         self.mean = (self.feature_sum / self.count).float()
-        self.cholesky = torch.linalg.cholesky(self.covariance()).float()
+        self.cholesky = cholesky.float()
         self._gaussians_stale = False
+
+    def _damaged(self, problem: str) -> DamagedStatisticsError:
+        return DamagedStatisticsError(f"PaDiM statistics from {self.statistics_origin} are damaged: {problem}. They "
+                                      "cannot come from a fit; fit again, or use an undamaged checkpoint")
+
+    @torch.no_grad()
+    def check_statistics(self) -> None:
+        """Raises :class:`DamagedStatisticsError` unless the channel subset and the sums can come from a fit
+        (positive definiteness is checked when the Gaussians are derived)."""
+        index = self.channel_index
+        distinct = index.unique().numel() == index.numel()
+        if index.numel() and (index.min() < 0 or index.max() >= self.channel_total or not distinct):
+            raise self._damaged(f"channel_index must hold distinct channels in [0, {self.channel_total})")
+        count = float(self.count)
+        if not (math.isfinite(count) and count >= 0 and count == int(count)):
+            raise self._damaged(f"the image count N is {count}, not a whole number >= 0")
+        if count == 0:
+            return
+        positions, dim = int(self.grid_shape.prod()), index.numel()
+        if self.feature_sum.shape != (positions, dim) or self.outer_sum.shape != (positions, dim, dim):
+            raise self._damaged(f"Σx {tuple(self.feature_sum.shape)} and Σxxᵀ {tuple(self.outer_sum.shape)} do not fit "
+                                f"a {tuple(self.grid_shape.tolist())} grid of {dim} features")
+        for name in STATISTICS:
+            if not torch.isfinite(getattr(self, name)).all():
+                raise self._damaged(f"{name} holds NaN or Inf")
+        # Σxxᵀ is symmetric by construction; in chunks of positions, so no second copy of it is made.
+        for chunk in self.outer_sum.split(64):
+            if not torch.allclose(chunk, chunk.transpose(1, 2), rtol=1e-9, atol=1e-9 * float(chunk.abs().amax())):
+                raise self._damaged("Σxxᵀ is not symmetric")
 
     # ------------------------------------------------------------------------------------------ scoring
 
@@ -154,4 +199,7 @@ class PadimModel(nn.Module):
             if saved is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         self._gaussians_stale = True
+        if self.statistics_origin == FITTED_HERE:
+            self.statistics_origin = "a loaded state dict"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.check_statistics()
