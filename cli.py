@@ -2,7 +2,10 @@
 
 Every run lands in ``<run.root>/<method>/<data tag>/<version>/`` (config, CSV metrics, W&B files,
 checkpoints, results and figures). A version folder is never reused, except by ``fit --ckpt_path
-last``, which continues the newest run of the same method and data in place.
+last``, which continues the newest run of the same method and data in place, and by a requeued SLURM
+job, which continues its ``slurm_<job id>`` folder from its newest good checkpoint by itself. A continued
+run keeps each earlier attempt's ``config.yaml`` and ``metrics.csv`` as ``config.<k>.yaml`` and
+``metrics.<k>.csv`` (k = 1 for the first launch); the unsuffixed files are the latest attempt's.
 """
 
 from __future__ import annotations
@@ -10,38 +13,39 @@ from __future__ import annotations
 import os
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
 import lightning_modules  # noqa: F401  (registers the methods)
 from callbacks import AnomalyMapGrid, ResultsWriter
+from callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    check_checkpoint_file,
+    keep_earlier_attempt,
+    last_checkpoint,
+    requeued_checkpoint,
+)
 from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from callbacks.tracking import build_loggers, wandb_loggers
 from lightning_modules.base import ShiftADModule
 from lightning_modules.components.sync_batchnorm import TimmSyncBatchNorm
 
 RUN_DIR_ENV = "SHIFTAD_RUN_DIR"
-LAST_CHECKPOINT = "last.ckpt"
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config into the run folder (a resumed run adds a numbered copy) and to W&B."""
-
-    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
-        log_dir = Path(trainer.log_dir)
-        name, index = "config.yaml", 1
-        while (log_dir / name).exists():
-            name, index = f"config.{index}.yaml", index + 1
-        self.config_filename = name
-        super().setup(trainer, pl_module, stage)
+    """Writes the resolved config into the run folder as ``config.yaml`` (a resumed run has moved the earlier
+    attempts' aside, ``keep_earlier_attempt``) and to W&B."""
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="json")
@@ -52,18 +56,6 @@ class RunConfigSaver(SaveConfigCallback):
 def _next_version(parent: Path) -> str:
     numbers = [int(m.group(1)) for p in parent.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
     return f"version_{max(numbers, default=-1) + 1}"
-
-
-def _newest_with_checkpoint(parent: Path) -> Path | None:
-    candidates = [p for p in parent.glob("*/checkpoints") if (p / LAST_CHECKPOINT).is_file()]
-    return max(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime).parent if candidates else None
-
-
-def _check_checkpoint_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"--ckpt_path {path}: not a torch checkpoint (corrupt or truncated file?)")
 
 
 def _safe(text: str) -> str:
@@ -89,7 +81,7 @@ class ShiftADCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "best", "last", "hpc", "registry"):
-            _check_checkpoint_file(Path(ckpt_path))
+            check_checkpoint_file(Path(ckpt_path))
         super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -101,24 +93,14 @@ class ShiftADCLI(LightningCLI):
         parser.add_argument("--run.log_model", type=bool, default=False, help="Upload checkpoints as W&B model artifacts.")
         parser.add_argument("--run.test_after_fit", type=bool, default=False,
                             help="After fit, test the best checkpoint (by checkpoint.monitor) or the final weights.")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # last.ckpt is overwritten in place, so a resumed run keeps one "last" to resume from.
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
 
     def _run_dir(self, method: str, tag: str) -> tuple[Path, Path | None]:
         """(run folder, checkpoint to resume or None) for this launch; every DDP rank gets the same."""
         config = self.config_init[self.subcommand]
         parent = Path(config["run"]["root"]) / _safe(method) / _safe(tag)
         ckpt_path = config.get("ckpt_path")
-        resume = None
-        if ckpt_path == "last":
-            newest = _newest_with_checkpoint(parent)
-            if newest is None:
-                raise FileNotFoundError(
-                    f"--ckpt_path last: no run of {method!r} on {tag!r} has a checkpoint yet "
-                    f"(looked for */checkpoints/{LAST_CHECKPOINT} under {parent}); start it without --ckpt_path"
-                )
-            resume = newest / "checkpoints" / LAST_CHECKPOINT
+        resume = last_checkpoint(parent, method, tag) if ckpt_path == "last" else None
         if os.environ.get(RUN_DIR_ENV) and "LOCAL_RANK" in os.environ:  # a rank spawned by this launch
             return Path(os.environ[RUN_DIR_ENV]), resume
         if config["run"]["version"]:
@@ -127,6 +109,8 @@ class ShiftADCLI(LightningCLI):
             return resume.parent.parent, resume
         elif os.environ.get("SLURM_JOB_ID"):
             version = f"slurm_{os.environ['SLURM_JOB_ID']}"
+            if self.subcommand == "fit" and ckpt_path is None:  # a requeued job continues its own folder
+                return parent / version, requeued_checkpoint(parent / version)
         elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
             version = f"torchrun_{os.environ['TORCHELASTIC_RUN_ID']}"
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -148,9 +132,11 @@ class ShiftADCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         if resume is not None:
             config["ckpt_path"] = str(resume)
+        if rank_zero_only.rank == 0:  # one process renames, even when every rank was started by srun or torchrun
+            keep_earlier_attempt(run_dir)
         if config.get("weights_only") is None:
             config["weights_only"] = True  # a checkpoint file cannot run code
-        checkpoint: ModelCheckpoint = config["checkpoint"]
+        checkpoint: RunCheckpoint = config["checkpoint"]
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")
         trainer_config = config["trainer"]
@@ -166,11 +152,16 @@ class ShiftADCLI(LightningCLI):
                 use_wandb=config["run"]["wandb"],
                 log_model=config["run"]["log_model"],
             )
-        if trainer_config.get("sync_batchnorm"):
-            plugins = trainer_config.get("plugins") or []
-            plugins = plugins if isinstance(plugins, list) else [plugins]
-            if not any(isinstance(plugin, LayerSync) for plugin in plugins):
-                kwargs["plugins"] = [*plugins, TimmSyncBatchNorm()]  # torch's conversion drops timm's activations
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if trainer_config.get("sync_batchnorm") and not any(isinstance(plugin, LayerSync) for plugin in plugins):
+            plugins.append(TimmSyncBatchNorm())  # torch's conversion drops timm's activations
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+            # PreemptionCheckpoint owns SIGUSR1: it saves at a batch boundary, then requeues.
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        kwargs["plugins"] = plugins
         kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
 

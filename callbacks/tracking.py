@@ -29,16 +29,6 @@ def wandb_mode() -> str:
     return "online" if _has_wandb_credentials() else "offline"
 
 
-def _keep_earlier_csv(run_dir: Path) -> None:
-    """A resumed run reuses its folder; CSVLogger would delete the earlier metrics.csv, so move it aside."""
-    earlier = run_dir / "metrics.csv"
-    if earlier.is_file():
-        index = 1
-        while (run_dir / f"metrics.{index}.csv").exists():
-            index += 1
-        earlier.rename(run_dir / f"metrics.{index}.csv")
-
-
 def build_loggers(
     run_dir: Path,
     run_name: str,
@@ -48,7 +38,6 @@ def build_loggers(
     log_model: bool = False,
 ) -> list[Logger]:
     """A CSV log in ``run_dir`` (first, so ``trainer.log_dir`` is the run folder) and a W&B run beside it."""
-    _keep_earlier_csv(run_dir)
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     mode = wandb_mode() if use_wandb else "disabled"
     if mode == "disabled":

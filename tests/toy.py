@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule
@@ -104,17 +105,23 @@ def progress(trainer, unit: str) -> int:
 
 
 class SignalAtStep(Callback):
-    """Sends the process a signal (as a cluster does before preemption) once ``step`` is reached."""
+    """Sends the process a signal (as a cluster does before preemption) once ``step`` is reached.
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", unit: str = "step") -> None:
+    With ``sent_marker`` (a file path) only the first launch sends it: a requeued job runs the same command.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM", unit: str = "step", sent_marker: str | None = None) -> None:
         self.step = step
         self.signal_number = getattr(signal, signal_name)
         self.unit = unit
-        self.sent = False
+        self.sent_marker = Path(sent_marker) if sent_marker else None
+        self.sent = self.sent_marker is not None and self.sent_marker.exists()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if progress(trainer, self.unit) >= self.step and not self.sent:
             self.sent = True
+            if self.sent_marker is not None:
+                self.sent_marker.touch()
             os.kill(os.getpid(), self.signal_number)
 
 
