@@ -122,6 +122,22 @@ def test_indirect_loss_is_zero_for_the_true_parameters_and_differentiable():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+def test_per_pair_losses_are_the_single_pair_losses_and_average_to_the_batch_loss():
+    target, predicted = params(seed=0), params(seed=1)
+    normal = torch.rand(2, 3, 16, 16)
+    anomalous, _ = render_defects(normal, target)
+    per_pair = {"direct": direct_loss(target, predicted, reduction="none"),
+                "indirect": indirect_loss(normal, anomalous, predicted, reduction="none")}
+    for i in range(2):
+        one = [GMMParams(*(x[i:i + 1] for x in vars(p).values())) for p in (target, predicted)]
+        torch.testing.assert_close(per_pair["direct"][i], direct_loss(*one))
+        torch.testing.assert_close(per_pair["indirect"][i], indirect_loss(normal[i:i + 1], anomalous[i:i + 1], one[1]))
+    torch.testing.assert_close(per_pair["direct"].mean(), direct_loss(target, predicted))
+    torch.testing.assert_close(per_pair["indirect"].mean(), indirect_loss(normal, anomalous, predicted))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        direct_loss(target, predicted, reduction="sum")
+
+
 def test_renderer_keeps_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rendered, mask = render_defects(torch.rand(2, 3, 16, 16), params())
