@@ -15,6 +15,7 @@ from lightning_modules.meta_comparer import (
     MetaComparerModel,
 )
 from lightning_modules.meta_comparer.losses import attention_loss, classification_loss, ranking_loss
+from lightning_modules.meta_comparer.torch_model import _flat_patches
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "meta_comparer" / "surfaces.yaml")
@@ -166,12 +167,14 @@ def test_scores_against_the_full_bank_in_chunks_equal_the_unchunked_scores():
     queries = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         bank = model.reference_bank(torch.rand(5, 3, 64, 64), batch_size=2)
-        model.comparer.max_pair_elements = 2**30  # one chunk: every pair at once
-        whole = model(queries, bank)
-        model.comparer.max_pair_elements = 2 * 64 * 8 * 7  # chunks of 7 reference patches at the finest scale
-        chunked = model(queries, bank)
-    for expected, actual in zip(whole, chunked, strict=True):
-        torch.testing.assert_close(actual, expected)
+        # every pair of every scale at once: [B, h*w, M_i] logits, max over the bank
+        whole = [model.comparer.pair_logits(model.comparer.query_in(_flat_patches(level)), references).amax(2)
+                 for level, references in zip(model.encoder(queries), bank, strict=True)]
+        for max_pair_elements in (2**25, 2 * 64 * 8 * 7):  # the default (CPU chunks); chunks of 7 references
+            model.comparer.max_pair_elements = max_pair_elements
+            chunked = model.patch_score_maps(queries, bank)
+            for expected, actual in zip(whole, chunked, strict=True):
+                torch.testing.assert_close(actual.flatten(1), expected)
 
 
 def test_reference_bank_holds_every_patch_and_grows_with_the_reference_fraction(surfaces_root, tmp_path,
