@@ -51,8 +51,9 @@ class BackboneSpec:
     Args:
         name: a timm model name, e.g. ``efficientnet_lite0``, ``resnet18``, ``wide_resnet50_2``.
         pretrained: download timm's hub weights (for users online).
-        weights: a local state-dict file, or ``random`` for a random initialisation. With neither
-            this nor ``pretrained``, the packaged ImageNet EfficientNet-Lite0 is used.
+        weights: a local weights file (its metadata, when it has some, gives the normalisation and must
+            name this architecture), or ``random`` for a random initialisation. With neither this nor
+            ``pretrained``, the packaged ImageNet EfficientNet-Lite0 is used.
     """
 
     name: str = PACKAGED_ARCH
