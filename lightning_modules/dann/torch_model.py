@@ -55,7 +55,7 @@ class TargetBatchNormStatistics(nn.Module):
             buffers[f"{name}.num_batches_tracked"] = getattr(self, f"count_{index}")
         return buffers
 
-    def set(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def store(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
         index = self.layer_names.index(name)
         getattr(self, f"mean_{index}").copy_(mean)
         getattr(self, f"var_{index}").copy_(var)
@@ -172,7 +172,7 @@ class DomainAdaptiveClassifier(nn.Module):
             finally:
                 handle.remove()
             mean, var = moments.result()
-            self.target_statistics.set(name, mean, var)
+            self.target_statistics.store(name, mean, var)
         self.use_target_statistics = True
         self.train(was_training)
 
