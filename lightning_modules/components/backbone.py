@@ -25,6 +25,7 @@ from typing import NamedTuple
 import timm
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import create_feature_extractor, split_model_name_tag
 from torch import nn
 
@@ -235,7 +236,7 @@ def build_backbone(spec: BackboneSpec) -> BuiltBackbone:
 
 def _timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def stage_names(spec_name: str) -> list[str]:

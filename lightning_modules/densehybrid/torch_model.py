@@ -21,6 +21,7 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50
 
@@ -35,7 +36,6 @@ FREEZE_POLICIES: tuple[str, ...] = get_args(FreezePolicy)
 ANOMALY_SCORES: tuple[str, ...] = get_args(AnomalyScore)
 RANDOM_WEIGHTS = "random"
 PASCAL_VOC_CLASSES = 21
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LIGHT_LAYERS = ["blocks.2", "blocks.4", "blocks.6"]  # strides 8, 16, 32 of EfficientNet-Lite0
 
 
@@ -81,7 +81,7 @@ class ResNetEncoder(nn.Module):
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
-        self.normalizer = ImageNormalizer(*IMAGENET_MEAN_STD)
+        self.normalizer = ImageNormalizer(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.body(self.normalizer(images))["out"]]
