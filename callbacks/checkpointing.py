@@ -78,6 +78,20 @@ class RunCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._saved_last_now = True
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        fit_loop = trainer.fit_loop
+        in_epoch_end = fit_loop.epoch_progress.current.processed > fit_loop.epoch_progress.current.completed
+        if in_epoch_end and fit_loop._iteration_based_training() and fit_loop.epoch_loop._num_ready_batches_reached():
+            # Saved in the hooks of an epoch that used up its batches, in a max_steps run. Lightning resumes that
+            # state through a second epoch end, which sets the next epoch's sampler one epoch ahead (other
+            # batches: not an exact resume) and shifts the logged steps by one. Recorded instead as saved after
+            # the epoch's last batch, a state it restores exactly: the epoch not yet counted, and the step
+            # counter before that batch's increment.
+            loops = checkpoint["loops"]["fit_loop"]
+            for counts in (loops["epoch_progress"]["current"], loops["epoch_progress"]["total"]):
+                counts["processed"] = counts["completed"]
+            loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._saved_last_now = False
         super().on_train_epoch_end(trainer, pl_module)

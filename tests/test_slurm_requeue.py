@@ -1,6 +1,6 @@
-"""The SLURM requeue cycle, on CPU: SIGUSR1 mid-fit in a fake SLURM job saves at a batch boundary and runs
-``scontrol requeue``; the same command again continues by itself and ends bitwise equal to an uninterrupted
-run (every parameter and buffer)."""
+"""The SLURM requeue cycle, on CPU: SIGUSR1 in the middle of a step, in a fake SLURM job, saves at the batch
+boundary and runs ``scontrol requeue``; the same command again continues by itself and ends bitwise equal to
+an uninterrupted run (every parameter and buffer)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_requeued_slurm_job_ends_bitwise_equal_to_an_uninterrupted_one(case, sur
     calls = fake_slurm_job(monkeypatch, tmp_path, JOB)
     # The same command for both launches: the signal callback fires in the first one only.
     command = ["fit", *fit_args(case, surfaces_root, runs, {}),
-               *callback("tests.toy.SignalAtStep", case, step=case.preempt_at, signal_name="SIGUSR1",
+               *callback("tests.toy.SignalAtStep", case, step=case.preempt_at, signal_name="SIGUSR1", mid_step="true",
                          sent_marker=str(tmp_path / "signal_sent"))]
     with pytest.raises(SystemExit) as stopped:
         main(command)

@@ -107,22 +107,43 @@ def progress(trainer, unit: str) -> int:
 class SignalAtStep(Callback):
     """Sends the process a signal (as a cluster does before preemption) once ``step`` is reached.
 
-    With ``sent_marker`` (a file path) only the first launch sends it: a requeued job runs the same command.
+    ``mid_step`` sends it inside the next training step instead: once ``training_step`` has returned (its
+    BatchNorm and streaming statistics updated), before the optimizer step and before Lightning counts the
+    batch, as a signal from outside may arrive. With ``sent_marker`` (a file path) only the first launch sends
+    it: a requeued job runs the same command.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", unit: str = "step", sent_marker: str | None = None) -> None:
+    def __init__(self, step: int, signal_name: str = "SIGTERM", unit: str = "step", mid_step: bool = False,
+                 sent_marker: str | None = None) -> None:
         self.step = step
         self.signal_number = getattr(signal, signal_name)
         self.unit = unit
+        self.mid_step = mid_step
         self.sent_marker = Path(sent_marker) if sent_marker else None
         self.sent = self.sent_marker is not None and self.sent_marker.exists()
 
+    def _send(self) -> None:
+        self.sent = True
+        if self.sent_marker is not None:
+            self.sent_marker.touch()
+        os.kill(os.getpid(), self.signal_number)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.mid_step or self.sent or progress(trainer, self.unit) < self.step:
+            return
+        step = pl_module.training_step
+
+        def step_then_signal(*args, **kwargs):
+            output = step(*args, **kwargs)
+            del pl_module.training_step  # back to the class's method
+            self._send()
+            return output
+
+        pl_module.training_step = step_then_signal
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if progress(trainer, self.unit) >= self.step and not self.sent:
-            self.sent = True
-            if self.sent_marker is not None:
-                self.sent_marker.touch()
-            os.kill(os.getpid(), self.signal_number)
+        if not self.mid_step and not self.sent and progress(trainer, self.unit) >= self.step:
+            self._send()
 
 
 def poison(value, min_dims: int = 0):
