@@ -6,16 +6,32 @@ last``, which continues the newest run of the same method and data in place, and
 job, which continues its ``slurm_<job id>`` folder from its newest good checkpoint by itself. A continued
 run keeps each earlier attempt's ``config.yaml`` and ``metrics.csv`` as ``config.<k>.yaml`` and
 ``metrics.<k>.csv`` (k = 1 for the first launch); the unsuffixed files are the latest attempt's.
+
+A new ``version_N`` is claimed with an exclusive ``mkdir``, so launches started together never share one.
+A launch that fails before it wrote a checkpoint, results or a metric row removes the folder it claimed.
+
+``test``/``validate``/``predict --ckpt_path <file>`` build the model from the checkpoint's hyperparameters.
+The checkpoint must hold the config's method (class), or the command stops naming both. An init
+argument set explicitly (config file or command line) to another value than the checkpoint's is applied
+when the method lists it in ``test_time_options`` (e.g. DANN's ``mode`` source_only -> adabn), and
+refused by name otherwise; ``fit`` from a checkpoint accepts no such change. A test of a checkpoint
+trained on other data than it is tested on goes to ``<method>/<trained tag>__on__<tested tag>/``, so it
+never sits among the runs trained on the tested data.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import re
+import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
@@ -36,7 +52,7 @@ from callbacks.checkpointing import (
     requeued_checkpoint,
 )
 from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
-from callbacks.tracking import build_loggers, wandb_loggers
+from callbacks.tracking import build_loggers, finish_wandb, wandb_loggers
 from lightning_modules.base import ShiftADModule
 from lightning_modules.components.sync_batchnorm import TimmSyncBatchNorm
 
@@ -58,31 +74,191 @@ def _next_version(parent: Path) -> str:
     return f"version_{max(numbers, default=-1) + 1}"
 
 
+def _claim_new_version(parent: Path) -> Path:
+    """Creates the next free ``version_N``. ``mkdir`` fails when another launch created that folder between
+    our scan and our claim; we then take the next number."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = parent / _next_version(parent)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Whether a failed launch left anything to keep: a checkpoint, results or a logged metric row."""
+    if any(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "results.json").exists():
+        return True
+    metrics = run_dir / "metrics.csv"
+    return metrics.is_file() and len(metrics.read_text().splitlines()) > 1
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text).strip("-") or "run"
 
 
+def _import_class(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _flatten(values, prefix: str = "") -> dict:
+    """Nested dicts/Namespaces as ``{"a.b": leaf}``; tuples as lists, so parsed and stored values compare."""
+    if hasattr(values, "as_dict"):
+        values = values.as_dict()
+    if isinstance(values, dict):
+        flat = {}
+        for key, value in values.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: list(values) if isinstance(values, tuple) else values}
+
+
+def _set_nested(values: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        values = values[key]
+    values[leaf] = value
+
+
+class ConfigError(ValueError):
+    """A class of the config refused its arguments while the CLI built it (the cause is the class's own error)."""
+
+
+def _construction_cause(error: BaseException) -> BaseException | None:
+    """The error a model/data class raised in ``__init__``, which jsonargparse wraps in "Does not validate
+    against any of the Union subtypes" (the data and model groups are ``<class> | None`` unions)."""
+    cause = None
+    while isinstance(error, ValueError) and "Union subtypes" in str(error) and error.__cause__ is not None:
+        error = cause = error.__cause__
+    return cause
+
+
+def _check_same_method(ckpt_path: str, stored_name: str | None, stored_path: str | None, config_path: str,
+                       model_class: type | None) -> None:
+    """Stops, naming both, when a checkpoint holds another method (class) than the config's model."""
+    if model_class is None or (stored_name is None and stored_path is None):
+        return
+    stored_class = _import_class(stored_path) if stored_path else None
+    same = stored_class is model_class if stored_class is not None else stored_name == model_class.__name__
+    if same:
+        return
+
+    def describe(cls: type | None, path: str | None, name: str | None) -> str:
+        method = getattr(cls, "method_name", None) or name or path
+        return f"{method!r} ({path or name})"
+
+    checkpoint_method = describe(stored_class, stored_path, stored_name)
+    config_method = describe(model_class, config_path, model_class.__name__)
+    raise ValueError(
+        f"--ckpt_path {ckpt_path}: the checkpoint holds method {checkpoint_method}, but the config's model is "
+        f"{config_method}; use the config of {checkpoint_method} or a checkpoint of {config_method}"
+    )
+
+
 class ShiftADCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
-        super().__init__(
-            model_class=ShiftADModule,
-            subclass_mode_model=True,
-            datamodule_class=LightningDataModule,
-            subclass_mode_data=True,
-            save_config_callback=RunConfigSaver,
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid(), PreemptionCheckpoint()]},
-            **kwargs,
-        )
+        self.claimed_run_dir: Path | None = None  # a version_N this launch created
+        self.checkpoint_data_tag: str | None = None  # the data tag an explicit checkpoint was trained on
+        try:
+            super().__init__(
+                model_class=ShiftADModule,
+                subclass_mode_model=True,
+                datamodule_class=LightningDataModule,
+                subclass_mode_data=True,
+                save_config_callback=RunConfigSaver,
+                auto_configure_optimizers=False,
+                seed_everything_default=0,
+                trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid(), PreemptionCheckpoint()]},
+                **kwargs,
+            )
+        except BaseException:
+            self._discard_failed_start()
+            raise
+
+    def _discard_failed_start(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            finish_wandb(trainer.loggers, exit_code=1)  # its files live in the folder that may go
+        run_dir = self.claimed_run_dir
+        if run_dir is not None and run_dir.is_dir() and not _holds_results(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._args = args
+
+    def _explicit_model_args(self, subcommand: str) -> dict:
+        """The model's init arguments given in a config file or on the command line (no defaults)."""
+        parse = self.parser.parse_object if isinstance(self._args, (dict, Namespace)) else self.parser.parse_args
+        explicit = parse(self._args, defaults=False)[subcommand].get("model")
+        init_args = explicit.get("init_args") if explicit is not None else None
+        return _flatten(init_args) if init_args is not None else {}
+
+    def _set_seed(self) -> None:
+        # Quiet, so that a config error is the first line on stderr; the seed is in config.yaml and the W&B tags.
+        seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_logger.level
+        seed_logger.setLevel(logging.WARNING)
+        try:
+            super()._set_seed()
+        finally:
+            seed_logger.setLevel(level)
 
     def _parse_ckpt_path(self) -> None:
-        """Checks an explicit checkpoint file before Lightning reads its hyperparameters."""
+        """An explicit checkpoint file: checked, its method compared with the config's, its hyperparameters
+        put into the model config with the explicit test-time options on top (Lightning would silently
+        replace the config's model and every model argument)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "best", "last", "hpc", "registry"):
-            check_checkpoint_file(Path(ckpt_path))
-        super()._parse_ckpt_path()
+        if ckpt_path in (None, "best", "last", "hpc", "registry"):
+            return
+        check_checkpoint_file(Path(ckpt_path))
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        self.checkpoint_data_tag = checkpoint.get("shiftad_data_tag")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        stored_path = hparams.pop("_class_path", None)
+        config_path = self.config[subcommand]["model"]["class_path"]
+        model_class = _import_class(config_path)
+        _check_same_method(ckpt_path, checkpoint.get("shiftad_method"), stored_path, config_path, model_class)
+        if not hparams:
+            return
+        self._apply_test_time_options(subcommand, ckpt_path, hparams, model_class)
+        model = {"class_path": stored_path, "dict_kwargs": hparams} if stored_path else hparams
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _apply_test_time_options(self, subcommand: str, ckpt_path: str, hparams: dict, model_class: type | None) -> None:
+        """Explicit model arguments that differ from the checkpoint's: the legal test-time ones go into
+        ``hparams``; any other stops the command, naming each."""
+        stored = _flatten(hparams)
+        differing = {key: (stored[key], value) for key, value in self._explicit_model_args(subcommand).items()
+                     if key in stored and stored[key] != value}
+        if not differing:
+            return
+        options = getattr(model_class, "test_time_options", {}) if subcommand != "fit" else {}
+
+        def legal(key: str, change: tuple) -> bool:
+            return key in options and (options[key] is None or change in options[key])
+
+        refused = {key: change for key, change in differing.items() if not legal(key, change)}
+        if refused:
+            listed = "; ".join(f"model.init_args.{key}: checkpoint {old!r}, config {new!r}"
+                               for key, (old, new) in refused.items())
+            allowed = ", ".join(sorted(options)) if options else "none"
+            raise ValueError(
+                f"{subcommand} --ckpt_path {ckpt_path}: the config sets model arguments that differ from those "
+                f"the checkpoint was trained with, and cannot change at {subcommand} time: {listed}. "
+                f"Options this method can change at {subcommand} time: {allowed}. Drop the others, or use a "
+                f"checkpoint trained with them"
+            )
+        for key, (_, value) in differing.items():
+            _set_nested(hparams, key, value)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="Folder under which every run gets its own folder.")
@@ -120,13 +296,16 @@ class ShiftADCLI(LightningCLI):
                 f"the same --run.version <name> to every rank, or use torchrun --rdzv-id <id>"
             )
         else:
-            version = _next_version(parent)
+            self.claimed_run_dir = _claim_new_version(parent)
+            return self.claimed_run_dir, resume
         return parent / version, resume
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config_init[self.subcommand]
         method = getattr(self.model, "method_name", type(self.model).__name__.lower())
         tag = getattr(self.datamodule, "run_tag", type(self.datamodule).__name__.lower())
+        if self.subcommand != "fit" and self.checkpoint_data_tag not in (None, tag):
+            tag = f"{self.checkpoint_data_tag}__on__{tag}"
         run_dir, resume = self._run_dir(method, tag)
         # Ranks started by Lightning's launcher inherit this, so they agree on the folder.
         os.environ[RUN_DIR_ENV] = str(run_dir)
@@ -175,23 +354,36 @@ class ShiftADCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> ShiftADCLI:
+    """Runs the CLI. A class that refuses its config arguments raises :class:`ConfigError`, whose message
+    (the class's own) the command line prints as the first line on stderr."""
     torch.set_float32_matmul_precision("high")
     inherited_run_dir = os.environ.get(RUN_DIR_ENV)  # set only in a rank spawned by a launch
     try:
         cli = ShiftADCLI(args=args)
     except SIGTERMException:
         sys.exit(PREEMPTED_EXIT_CODE)
+    except ValueError as error:
+        cause = _construction_cause(error)
+        if cause is None:
+            raise
+        raise ConfigError(f"{type(cause).__name__}: {cause}") from cause
     finally:
         # A later run in this process (a sweep, a notebook) must get its own folder, even after a DDP run
         # that left LOCAL_RANK behind or a run that failed.
         if inherited_run_dir is None:
             os.environ.pop(RUN_DIR_ENV, None)
-    # Close the W&B run so its files are complete before the process (or the next in-process run) goes on.
-    for logger in wandb_loggers(cli.trainer.loggers):
-        if logger._experiment is not None:
-            logger.experiment.finish()
+    finish_wandb(cli.trainer.loggers)
     return cli
 
 
+def run_command_line() -> None:
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}\n", file=sys.stderr)
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run_command_line()

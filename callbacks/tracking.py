@@ -38,7 +38,11 @@ def build_loggers(
     log_model: bool = False,
 ) -> list[Logger]:
     """A CSV log in ``run_dir`` (first, so ``trainer.log_dir`` is the run folder) and a W&B run beside it."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    # Its writer warns when its folder is not empty; made lazily, it would find the run's own config and
+    # W&B files there, so it is made now, before them.
+    csv_logger.experiment  # noqa: B018
+    loggers: list[Logger] = [csv_logger]
     mode = wandb_mode() if use_wandb else "disabled"
     if mode == "disabled":
         return loggers
@@ -65,3 +69,21 @@ def build_loggers(
 
 def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
     return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def finish_wandb(loggers: list[Logger], exit_code: int | None = None) -> None:
+    """Ends this process's W&B runs and waits until their files are complete.
+
+    ``finish()`` returns once the W&B service has the last records, but the service writes the offline run
+    file's last block only when it closes the run's stream, later and asynchronously; a reader right after
+    (a test, ``wandb sync``, the next in-process run) could miss history and artifacts. Tearing the service
+    down waits for that.
+    """
+    started = [logger for logger in wandb_loggers(loggers) if logger._experiment is not None]
+    if not started:
+        return
+    import wandb
+
+    for logger in started:
+        logger.experiment.finish(exit_code=exit_code)
+    wandb.teardown()

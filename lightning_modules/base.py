@@ -35,6 +35,9 @@ class ShiftADModule(LightningModule):
 
     #: short name used for run folders and W&B tags.
     method_name = "method"
+    #: init arguments that ``test``/``validate``/``predict --ckpt_path`` may set to another value than the
+    #: checkpoint's: name -> the allowed (checkpoint value, new value) pairs, or None for any value.
+    test_time_options: dict[str, frozenset[tuple] | None] = {}
 
     def __init__(
         self,
@@ -110,6 +113,9 @@ class ShiftADModule(LightningModule):
                 f"values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the last good checkpoint is kept"
             )
         checkpoint["shiftad_method"] = type(self).__name__
+        data_tag = getattr(self.trainer.datamodule, "run_tag", None) if self._trainer is not None else None
+        if data_tag is not None:
+            checkpoint["shiftad_data_tag"] = data_tag  # a later test on other data is filed under both tags
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -133,6 +139,9 @@ class AnomalyDetectionModule(ShiftADModule):
         aupro_fpr_limit: upper FPR limit of AUPRO (0.3 is the MVTec AD definition).
         num_map_examples: how many test samples keep their anomaly maps for the figure grid.
     """
+
+    #: evaluation-only arguments: a test of a checkpoint may change them freely.
+    test_time_options = {"aupro_fpr_limit": None, "num_map_examples": None}
 
     def __init__(self, *args, aupro_fpr_limit: float = 0.3, num_map_examples: int = 8, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -265,7 +265,8 @@ def test_tiny_lodo_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
     # a 10 % reference test of the resumed weights, no fine-tuning
     main(["test", *fast_args(surfaces_root, tmp_path), "--data.init_args.reference_fraction", "0.1",
           "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
-    tested = tmp_path / "meta_comparer" / "surfaces-lodo-wood-ref10" / "version_0"
+    # filed under both data tags (trained at 100 %, tested at 10 %), not among runs trained at 10 %
+    tested = tmp_path / "meta_comparer" / "surfaces-lodo-wood-ref100__on__surfaces-lodo-wood-ref10" / "version_0"
     assert "test/image_auroc" in json.loads((tested / "results.json").read_text())["metrics"]
 
 
