@@ -84,12 +84,14 @@ class RunCheckpoint(ModelCheckpoint):
         if in_epoch_end and fit_loop._iteration_based_training() and fit_loop.epoch_loop._num_ready_batches_reached():
             # Saved in the hooks of an epoch that used up its batches, in a max_steps run. Lightning resumes that
             # state through a second epoch end, which sets the next epoch's sampler one epoch ahead (other
-            # batches: not an exact resume) and shifts the logged steps by one. Recorded instead as saved after
-            # the epoch's last batch, a state it restores exactly: the epoch not yet counted, and the step
-            # counter before that batch's increment.
+            # batches: not an exact resume) and shifts the logged steps by one. The counters are written as at
+            # the end of the epoch's last batch instead (epoch not yet counted, that batch not yet completed,
+            # the step counter before its increment), a state Lightning restores exactly.
             loops = checkpoint["loops"]["fit_loop"]
             for counts in (loops["epoch_progress"]["current"], loops["epoch_progress"]["total"]):
                 counts["processed"] = counts["completed"]
+            for counts in (loops["epoch_loop.batch_progress"]["current"], loops["epoch_loop.batch_progress"]["total"]):
+                counts["completed"] -= 1
             loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
