@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from datamodules.surfaces import SurfacesSpec, ensure_surfaces
 
@@ -16,6 +18,11 @@ TINY_SURFACES = SurfacesSpec(image_size=64, train_good=12, test_good=4, test_def
 FAKE_SIZE = (40, 48)  # (H, W): not square, so resizing is exercised
 MVTEC_CATEGORIES = ("bottle", "carpet")
 MVTEC_DEFECTS = {"scratch": 2, "crack": 2}
+
+# Under pytest-xdist each worker gets its share of the cores: torch's default (all cores per process) would
+# make the workers' OpenMP threads wait on each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = FAKE_SIZE) -> Path:
