@@ -4,6 +4,7 @@ this machine; each is started as a cluster starts it, with its own node rank."""
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -120,6 +121,8 @@ def test_two_node_fit_that_loses_a_node_resumes_to_the_same_weights(surfaces_roo
     assert 0 < saved["global_step"] < DANN.steps
 
     assert_ran(torchrun_fit([*args, "--ckpt_path", "last"], "lost"))
+    with (folder / "metrics.csv").open() as attempt:  # this attempt's log: it went on from the checkpoint
+        assert min(int(row["step"]) for row in csv.DictReader(attempt)) >= saved["global_step"]
     resumed = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     final = torch.load(next((straight / DANN.method).glob("*/torchrun_whole/checkpoints/last.ckpt")),
                        weights_only=True)
