@@ -8,7 +8,7 @@ run keeps each earlier attempt's ``config.yaml`` and ``metrics.csv`` as ``config
 ``metrics.<k>.csv`` (k = 1 for the first launch); the unsuffixed files are the latest attempt's.
 
 A new ``version_N`` is claimed with an exclusive ``mkdir``, so launches started together never share one.
-A launch that fails before it wrote a checkpoint, results or a metric row removes the folder it claimed.
+A launch that fails before its first batch, with no checkpoint, results or metric row, removes the folder it claimed.
 
 ``test``/``validate``/``predict --ckpt_path <file>`` build the model from the checkpoint's hyperparameters.
 The checkpoint must hold the config's method (class), or the command stops naming both. An init
@@ -85,6 +85,16 @@ def _claim_new_version(parent: Path) -> Path:
         except FileExistsError:
             continue
         return folder
+
+
+def _reached_a_batch(trainer: Trainer | None) -> bool:
+    """Whether a launch got as far as a batch: a run that stopped there (a NaN, a crash) keeps its folder,
+    config and log for the post-mortem; only a launch that failed before any batch is a failed start."""
+    if trainer is None:
+        return False
+    loops = (trainer.fit_loop.epoch_loop.batch_progress, trainer.validate_loop.batch_progress,
+             trainer.test_loop.batch_progress, trainer.predict_loop.batch_progress)
+    return any(progress.total.ready > 0 for progress in loops)
 
 
 def _holds_results(run_dir: Path) -> bool:
@@ -186,7 +196,8 @@ class ShiftADCLI(LightningCLI):
         if trainer is not None:
             finish_wandb(trainer.loggers, exit_code=1)  # its files live in the folder that may go
         run_dir = self.claimed_run_dir
-        if run_dir is not None and run_dir.is_dir() and not _holds_results(run_dir):
+        if (run_dir is not None and run_dir.is_dir() and not _reached_a_batch(trainer)
+                and not _holds_results(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
