@@ -8,7 +8,7 @@ run keeps each earlier attempt's ``config.yaml`` and ``metrics.csv`` as ``config
 ``metrics.<k>.csv`` (k = 1 for the first launch); the unsuffixed files are the latest attempt's.
 
 A new ``version_N`` is claimed with an exclusive ``mkdir``, so launches started together never share one.
-A launch that fails before its first batch, with no checkpoint, results or metric row, removes the folder it claimed.
+A launch that fails before its first batch removes the folder it claimed (it holds nothing to keep).
 
 ``test``/``validate``/``predict --ckpt_path <file>`` build the model from the checkpoint's hyperparameters.
 The checkpoint must hold the config's method (class), or the command stops naming both. An init
@@ -95,14 +95,6 @@ def _reached_a_batch(trainer: Trainer | None) -> bool:
     loops = (trainer.fit_loop.epoch_loop.batch_progress, trainer.validate_loop.batch_progress,
              trainer.test_loop.batch_progress, trainer.predict_loop.batch_progress)
     return any(progress.total.ready > 0 for progress in loops)
-
-
-def _holds_results(run_dir: Path) -> bool:
-    """Whether a failed launch left anything to keep: a checkpoint, results or a logged metric row."""
-    if any(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "results.json").exists():
-        return True
-    metrics = run_dir / "metrics.csv"
-    return metrics.is_file() and len(metrics.read_text().splitlines()) > 1
 
 
 def _safe(text: str) -> str:
@@ -196,8 +188,8 @@ class ShiftADCLI(LightningCLI):
         if trainer is not None:
             finish_wandb(trainer.loggers, exit_code=1)  # its files live in the folder that may go
         run_dir = self.claimed_run_dir
-        if (run_dir is not None and run_dir.is_dir() and not _reached_a_batch(trainer)
-                and not _holds_results(run_dir)):
+        # A folder claimed by this launch holds a checkpoint, results or a metric row only after a batch.
+        if run_dir is not None and run_dir.is_dir() and not _reached_a_batch(trainer):
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
