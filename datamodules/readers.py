@@ -2,7 +2,7 @@
 
 Supported layouts (``dataset`` argument of the DataModules):
 
-- ``mvtec``, ``folder`` and ``surfaces``: ``<root>/<category>/train/good/*``, ``test/<good|defect>/*``,
+- ``mvtec``, ``folder``, ``surfaces`` and ``surfaces_line_b``: ``<root>/<category>/train/good/*``, ``test/<good|defect>/*``,
   ``ground_truth/<defect>/<stem>_mask.*``. ``folder`` is any user dataset in this layout.
 - ``btad``: ``<root>/<01|02|03>/train/ok/*``, ``test/<ok|ko>/*``, ``ground_truth/ko/<stem>.*``
   (images are ``.bmp`` in the originals).
@@ -20,7 +20,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("surfaces", "mvtec", "visa", "btad", "folder")
+DATASETS = ("surfaces", "surfaces_line_b", "mvtec", "visa", "btad", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
@@ -57,6 +57,7 @@ _FOLDER_LAYOUTS = {
     "mvtec": _FolderLayout(normal_dir="good", mask_suffix="_mask"),
     "folder": _FolderLayout(normal_dir="good", mask_suffix="_mask"),
     "surfaces": _FolderLayout(normal_dir="good", mask_suffix="_mask"),
+    "surfaces_line_b": _FolderLayout(normal_dir="good", mask_suffix="_mask"),
     "btad": _FolderLayout(normal_dir="ok", mask_suffix=""),
 }
 

@@ -1,4 +1,4 @@
-"""The embedded "surfaces" dataset: textured surfaces with pixel-annotated defects, built on first use.
+"""The embedded "surfaces" datasets: textured surfaces with pixel-annotated defects, built on first use.
 
 Categories: crops of real texture photographs shipped with scikit-image (``brick``, ``grass``,
 ``gravel``), each coloured with its own palette so that colour shifts matter, plus procedural textures
@@ -6,11 +6,22 @@ Categories: crops of real texture photographs shipped with scikit-image (``brick
 ``scratch``, ``hole`` (dent), ``stain`` (discolouration), ``crack`` and ``wear`` (a smoothed patch
 that changes texture, not colour); areas about 0.5-10 % of the image, contrasts down to subtle.
 
-The build is a pure function of ``SurfacesSpec`` (seeded per category, split and image) and writes the
+Two production lines of the same materials and defect kinds, each its own dataset and root (a real
+two-folder domain pair):
+
+- ``surfaces`` (line ``a``): the images above, with a mild exposure and noise variation.
+- ``surfaces_line_b`` (line ``b``): other images of the same materials (other seeds, hence other crops of
+  the photographs and other generator draws) seen by another camera that sees more of the surface
+  (``LINE_B_FIELD_OF_VIEW``: finer weave, grain, chips and photo texture) under another light: optical
+  blur, signal-dependent sensor noise, an illumination gradient with vignetting and a warmer white balance.
+  The defects are painted on the surface before the camera sees them. No line-B image is a function of a
+  line-A image.
+
+The build is a pure function of ``SurfacesSpec`` (seeded per line, category, split and image) and writes the
 MVTec AD layout: ``<category>/train/good``, ``test/<good|defect>``, ``ground_truth/<defect>/<stem>_mask.png``.
 It goes to a temporary folder first; ``MARKER`` is written last and the folder is renamed into place,
 so a half-built dataset is never used. The default location is
-``$SHIFTAD_CACHE/surfaces/<spec digest>`` (``SHIFTAD_CACHE`` defaults to ``~/.cache/shiftad``).
+``$SHIFTAD_CACHE/<dataset>/<spec digest>`` (``SHIFTAD_CACHE`` defaults to ``~/.cache/shiftad``).
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ import numpy as np
 import skimage.data
 
 SURFACES_CATEGORIES = ("brick", "grass", "gravel", "woven", "wood", "terrazzo")
+# The embedded datasets and the production line each one is.
+EMBEDDED_DATASETS = ("surfaces", "surfaces_line_b")
+LINES = {"surfaces": "a", "surfaces_line_b": "b"}
 DEFECT_TYPES = ("scratch", "hole", "stain", "crack", "wear")
 MARKER = "SURFACES_COMPLETE.json"
 # Bump when the generator's output changes, so older caches are not reused.
@@ -41,6 +55,19 @@ PHOTO_PALETTES = {
     "grass": ((0.05, 0.20, 0.04), (0.62, 0.88, 0.30)),
     "gravel": ((0.14, 0.16, 0.26), (0.86, 0.82, 0.70)),
 }
+# Line b: the camera sees 1.3 times more of the surface (side); warmer light (RGB gains) from the upper left
+# (radians from +x, image y down), falling off by +-LINE_B_LIGHT_GRADIENT per image side and
+# LINE_B_VIGNETTING towards the corners; Gaussian blur sigma in pixels at 256 px; noise std
+# sqrt(read^2 + shot^2 * intensity).
+LINE_B_SEED_ENTRY = 11
+LINE_B_FIELD_OF_VIEW = 1.3
+LINE_B_WHITE_BALANCE = (1.08, 1.0, 0.86)
+LINE_B_LIGHT_ANGLE = -2.4
+LINE_B_LIGHT_GRADIENT = 0.3
+LINE_B_VIGNETTING = 0.2
+LINE_B_BLUR = 1.0
+LINE_B_READ_NOISE = 0.01
+LINE_B_SHOT_NOISE = 0.025
 TERRAZZO_CHIP_COLOURS = ((0.62, 0.22, 0.12), (0.20, 0.25, 0.36), (0.93, 0.88, 0.74), (0.10, 0.10, 0.10),
                          (0.35, 0.50, 0.35))
 # scikit-image photographs of objects and scenes that no category is cut from (the photo categories use
@@ -61,6 +88,7 @@ class SurfacesSpec:
         test_defects: defective test images per category, spread evenly over ``DEFECT_TYPES``.
         categories: which categories to build.
         seed: generator seed.
+        line: production line: ``"a"`` is ``surfaces``, ``"b"`` is ``surfaces_line_b``.
     """
 
     image_size: int = 256
@@ -69,17 +97,35 @@ class SurfacesSpec:
     test_defects: int = 60
     categories: tuple[str, ...] = SURFACES_CATEGORIES
     seed: int = 0
+    line: str = "a"
 
     def __post_init__(self) -> None:
+        if self.line not in LINES.values():
+            raise ValueError(f"unknown surfaces line {self.line!r}; valid lines: "
+                             + ", ".join(f"{line!r} ({name})" for name, line in LINES.items()))
         unknown = [c for c in self.categories if c not in SURFACES_CATEGORIES]
         if unknown:
             raise ValueError(f"unknown surfaces categories {unknown}; valid: {', '.join(SURFACES_CATEGORIES)}")
         if self.image_size < 32 or min(self.train_good, self.test_good, self.test_defects) < 1:
             raise ValueError(f"surfaces spec needs image_size >= 32 and at least one image per split: {self}")
 
+    @property
+    def dataset(self) -> str:
+        return next(name for name, line in LINES.items() if line == self.line)
+
     def digest(self) -> str:
-        payload = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.line == "a":
+            del fields["line"]  # line a's digest predates the field: its caches and results stay valid
+        payload = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def embedded_spec(dataset: str) -> SurfacesSpec:
+    """The default spec of an embedded dataset."""
+    if dataset not in LINES:
+        raise ValueError(f"{dataset!r} is not an embedded dataset; embedded: {', '.join(EMBEDDED_DATASETS)}")
+    return SurfacesSpec(line=LINES[dataset])
 
 
 def cache_dir() -> Path:
@@ -87,11 +133,29 @@ def cache_dir() -> Path:
 
 
 def default_surfaces_root(spec: SurfacesSpec = SurfacesSpec()) -> Path:
-    return cache_dir() / "surfaces" / spec.digest()
+    return cache_dir() / spec.dataset / spec.digest()
+
+
+def default_embedded_root(dataset: str) -> Path:
+    """The cache folder of an embedded dataset's default build."""
+    return default_surfaces_root(embedded_spec(dataset))
 
 
 def is_built(root: Path) -> bool:
     return (root / MARKER).is_file()
+
+
+def ensure_embedded(dataset: str, root: Path) -> None:
+    """Build the default spec of ``dataset`` into ``root`` unless a build is there; a build of another line
+    there is an error (it would silently be the other dataset)."""
+    spec = embedded_spec(dataset)
+    if is_built(root):
+        built_line = json.loads((root / MARKER).read_text())["spec"].get("line", "a")
+        if built_line != spec.line:
+            raise ValueError(f"dataset={dataset!r} expects a build of surfaces line {spec.line!r} but "
+                             f"{str(root)!r} holds line {built_line!r}; give that dataset's root or none")
+        return
+    ensure_surfaces(root, spec)
 
 
 def ensure_surfaces(root: Path, spec: SurfacesSpec = SurfacesSpec()) -> Path:
@@ -125,16 +189,19 @@ def ensure_surfaces(root: Path, spec: SurfacesSpec = SurfacesSpec()) -> Path:
 def _build_category(folder: Path, category: str, spec: SurfacesSpec) -> None:
     category_seed = SURFACES_CATEGORIES.index(category)
     size = spec.image_size
+    # Line a's seeds predate the lines; line b appends its own entry, so no image of it shares a stream.
+    line_entry = [] if spec.line == "a" else [LINE_B_SEED_ENTRY]
+    render = render_texture if spec.line == "a" else render_line_b
     for split, count in (("train", spec.train_good), ("test", spec.test_good)):
         out = folder / split / "good"
         out.mkdir(parents=True)
         for i in range(count):
-            rng = np.random.default_rng([spec.seed, category_seed, 0 if split == "train" else 1, i])
-            _write_image(out / f"{i:03d}.png", render_texture(category, rng, size))
+            rng = np.random.default_rng([spec.seed, category_seed, 0 if split == "train" else 1, i, *line_entry])
+            _write_image(out / f"{i:03d}.png", render(category, rng, size)[0])
     for i in range(spec.test_defects):
         kind = DEFECT_TYPES[i % len(DEFECT_TYPES)]
-        rng = np.random.default_rng([spec.seed, category_seed, 2, i])
-        image, mask = add_defect(render_texture(category, rng, size), kind, rng)
+        rng = np.random.default_rng([spec.seed, category_seed, 2, i, *line_entry])
+        image, mask = render(category, rng, size, kind)
         (folder / "test" / kind).mkdir(parents=True, exist_ok=True)
         (folder / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
         stem = f"{i // len(DEFECT_TYPES):03d}"
@@ -150,14 +217,47 @@ def _write_image(path: Path, image: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------- textures
 
 
-def render_texture(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A normal RGB float32 image ``[size, size, 3]`` in [0, 1] of the category."""
-    if category in PHOTO_PALETTES:
-        image = _photo_texture(category, rng, size)
-    else:
-        image = {"woven": _woven, "wood": _wood, "terrazzo": _terrazzo}[category](rng, size)
+def render_texture(category: str, rng: np.random.Generator, size: int,
+                   defect: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A line-a RGB float32 image ``[size, size, 3]`` in [0, 1] of the category, with one defect of kind
+    ``defect`` painted in when given; returns (image, boolean defect mask or None)."""
+    image = _surface(category, rng, size, field_of_view=1.0)
     # Mild acquisition variation: exposure and sensor noise.
     image = image * rng.uniform(0.95, 1.05) + rng.normal(0.0, 0.01, image.shape)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    return add_defect(image, defect, rng) if defect else (image, None)
+
+
+def render_line_b(category: str, rng: np.random.Generator, size: int,
+                  defect: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A line-b image (see the module docstring): the surface, its defect, then line b's camera."""
+    image = np.clip(_surface(category, rng, size, LINE_B_FIELD_OF_VIEW), 0.0, 1.0).astype(np.float32)
+    mask = None
+    if defect:
+        image, mask = add_defect(image, defect, rng)
+    return _line_b_camera(image, rng), mask
+
+
+def _surface(category: str, rng: np.random.Generator, size: int, field_of_view: float) -> np.ndarray:
+    """The bare surface; ``field_of_view`` is how much of it the image covers, relative to line a."""
+    if category in PHOTO_PALETTES:
+        return _photo_texture(category, rng, size, field_of_view)
+    return {"woven": _woven, "wood": _wood, "terrazzo": _terrazzo}[category](rng, size, field_of_view)
+
+
+def _line_b_camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Line b's light and camera: white balance and exposure, a side light with vignetting, optical blur,
+    then signal-dependent sensor noise."""
+    size = image.shape[0]
+    gains = np.array(LINE_B_WHITE_BALANCE, np.float32) * rng.uniform(0.95, 1.05)
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size - 0.5
+    angle = LINE_B_LIGHT_ANGLE + rng.normal(0.0, 0.2)
+    ramp = xx * np.cos(angle) + yy * np.sin(angle)  # -0.71 .. 0.71 across the image
+    light = (1 + LINE_B_LIGHT_GRADIENT * ramp) * (1 - LINE_B_VIGNETTING * 2 * (xx ** 2 + yy ** 2))
+    image = image * gains * light[..., None]
+    image = cv2.GaussianBlur(image, (0, 0), LINE_B_BLUR * size / 256)
+    noise_std = np.sqrt(LINE_B_READ_NOISE ** 2 + LINE_B_SHOT_NOISE ** 2 * np.clip(image, 0.0, None))
+    image = image + noise_std * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -177,9 +277,10 @@ def _photo(name: str) -> np.ndarray:
     return np.clip((gray - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _photo_texture(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
+def _photo_texture(category: str, rng: np.random.Generator, size: int, field_of_view: float) -> np.ndarray:
     photo = _photo(category)
-    side = int(photo.shape[0] * rng.uniform(0.46, 0.54))  # about half the photograph, scale jitter +-8 %
+    # Line a: about half the photograph, scale jitter +-8 %.
+    side = int(photo.shape[0] * rng.uniform(0.46, 0.54) * field_of_view)
     y, x = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
     crop = photo[y:y + side, x:x + side]
     if rng.random() < 0.5:
@@ -199,8 +300,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, aspect: float
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _woven(rng: np.random.Generator, size: int) -> np.ndarray:
-    period = size / rng.uniform(11.0, 13.0)
+def _woven(rng: np.random.Generator, size: int, field_of_view: float) -> np.ndarray:
+    period = size / (rng.uniform(11.0, 13.0) * field_of_view)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     u = xx + rng.uniform(0, period) + 0.006 * size * _smooth_noise(rng, size, 4)
     v = yy + rng.uniform(0, period) + 0.006 * size * _smooth_noise(rng, size, 4)
@@ -219,26 +320,27 @@ def _woven(rng: np.random.Generator, size: int) -> np.ndarray:
     return 0.05 + top * colour
 
 
-def _wood(rng: np.random.Generator, size: int) -> np.ndarray:
+def _wood(rng: np.random.Generator, size: int, field_of_view: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    rings = rng.uniform(7.0, 10.0)
+    rings = rng.uniform(7.0, 10.0) * field_of_view
     phase = rng.uniform(0, 1) + 0.35 * _smooth_noise(rng, size, 3) + 0.08 * _smooth_noise(rng, size, 8, 4.0)
-    grain = 0.5 + 0.5 * np.sin(2 * np.pi * (rings * (yy + 0.15 * np.sin(2.5 * xx + rng.uniform(0, 6))) + phase))
+    wobble = 0.15 * np.sin(2.5 * field_of_view * xx + rng.uniform(0, 6))
+    grain = 0.5 + 0.5 * np.sin(2 * np.pi * (rings * (yy + wobble) + phase))
     grain = grain ** 2.5 + 0.12 * _smooth_noise(rng, size, size // 3, 8.0)  # sharp late-wood + fibre streaks
     light = np.array((0.86, 0.62, 0.36), np.float32)
     dark = np.array((0.42, 0.22, 0.09), np.float32)
     return light + np.clip(grain, 0, 1.2)[..., None] * (dark - light)
 
 
-def _terrazzo(rng: np.random.Generator, size: int) -> np.ndarray:
+def _terrazzo(rng: np.random.Generator, size: int, field_of_view: float) -> np.ndarray:
     image = np.empty((size, size, 3), np.float32)
     image[:] = np.array((0.78, 0.77, 0.74), np.float32) + 0.03 * _smooth_noise(rng, size, 6)[..., None]
-    chips = int(size * size / 130)
+    chips = int(size * size * field_of_view ** 2 / 130)
     for _ in range(chips):
         colour = np.array(TERRAZZO_CHIP_COLOURS[rng.integers(len(TERRAZZO_CHIP_COLOURS))], np.float32)
         colour = np.clip(colour + rng.normal(0, 0.04, 3), 0, 1)
         centre = rng.uniform(0, size, 2)
-        radius = size * rng.uniform(0.008, 0.03)
+        radius = size / field_of_view * rng.uniform(0.008, 0.03)
         corners = rng.integers(4, 7)
         angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
         radii = radius * rng.uniform(0.6, 1.3, corners)
