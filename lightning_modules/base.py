@@ -118,6 +118,17 @@ class ShiftADModule(LightningModule):
             checkpoint["shiftad_data_tag"] = data_tag  # a later test on other data is filed under both tags
         checkpoint["rng_states"] = rng_states()
 
+    def test_domain_names(self) -> tuple[str, ...]:
+        """The domain of each test dataloader, in order: the DataModule's ``test_dataloader_names``, else
+        ``("target",)``. Test metrics are logged as ``test/<domain>/<metric>``."""
+        datamodule = self.trainer.datamodule
+        names = tuple(getattr(datamodule, "test_dataloader_names", None) or ("target",))
+        loaders = len(self.trainer.num_test_batches)
+        if len(names) != loaders or len(set(names)) != len(names):
+            raise ValueError(f"{type(datamodule).__name__}.test_dataloader_names is {names}, but the test has "
+                             f"{loaders} dataloader(s): it needs one distinct name per test dataloader")
+        return names
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("shiftad_method")
         if saved is not None and saved != type(self).__name__:
@@ -133,7 +144,9 @@ class AnomalyDetectionModule(ShiftADModule):
     """Base of the anomaly detectors: one evaluation path for every method.
 
     Subclasses implement :meth:`anomaly_scores`. Test batches are the sample dicts of ``datamodules``.
-    Image and pixel scores are gathered across ranks and ranked before any curve is computed.
+    Each test dataloader is one domain (:meth:`test_domain_names`) with its own image and pixel collectors,
+    gathered across ranks and ranked before any curve is computed; metrics are ``test/<domain>/<metric>``.
+    The figure keeps anomaly maps of the first dataloader (the target).
 
     Args:
         aupro_fpr_limit: upper FPR limit of AUPRO (0.3 is the MVTec AD definition).
@@ -147,9 +160,11 @@ class AnomalyDetectionModule(ShiftADModule):
         super().__init__(*args, **kwargs)
         self.aupro_fpr_limit = aupro_fpr_limit
         self.num_map_examples = num_map_examples
-        self.image_scores = ScoreCollector()
-        self.pixel_scores = ScoreCollector()
+        # One collector per test dataloader, made at the start of each test (the DataModule sets how many).
+        self.image_scores = torch.nn.ModuleList()
+        self.pixel_scores = torch.nn.ModuleList()
         self.map_examples: dict[str, torch.Tensor] = {}
+        self.test_domains: tuple[str, ...] = ()
         self.test_results: dict[str, float] = {}
 
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,22 +172,24 @@ class AnomalyDetectionModule(ShiftADModule):
         raise NotImplementedError
 
     def on_test_epoch_start(self) -> None:
-        self.image_scores.reset()
-        self.pixel_scores.reset()
+        self.test_domains = self.test_domain_names()
+        self.image_scores = torch.nn.ModuleList(ScoreCollector() for _ in self.test_domains).to(self.device)
+        self.pixel_scores = torch.nn.ModuleList(ScoreCollector() for _ in self.test_domains).to(self.device)
         self.map_examples = {}
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         scores, maps = self.anomaly_scores(batch["image"])
         ids = sample_ids(batch["path"]).to(scores.device)
-        self.image_scores.update(scores, batch["label"], ids)
+        self.image_scores[dataloader_idx].update(scores, batch["label"], ids)
         if maps is None:
             return
         masks = batch["mask"][:, 0]
         maps = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         with_mask = batch["has_mask"].bool()
         if with_mask.any():
-            self.pixel_scores.update(maps[with_mask], masks[with_mask], ids[with_mask])
-        self._keep_examples(batch["image"], masks, maps)
+            self.pixel_scores[dataloader_idx].update(maps[with_mask], masks[with_mask], ids[with_mask])
+        if dataloader_idx == 0:
+            self._keep_examples(batch["image"], masks, maps)
 
     def _keep_examples(self, images: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor) -> None:
         taken = self.map_examples.get("image", torch.empty(0)).shape[0]
@@ -185,16 +202,21 @@ class AnomalyDetectionModule(ShiftADModule):
             self.map_examples[key] = torch.cat([self.map_examples[key], value]) if key in self.map_examples else value
 
     def on_test_epoch_end(self) -> None:
-        scores, labels = self.image_scores.compute()
-        results = image_metrics(scores, labels)
-        if not self.pixel_scores.scores:
-            rank_zero_warn("pixel metrics skipped: the test set has no ground-truth masks (image metrics only)")
-        else:
-            maps, masks = self.pixel_scores.compute()
-            results.update(pixel_metrics(maps, masks, self.aupro_fpr_limit))
-        results = {k: v for k, v in results.items() if math.isfinite(v)}
+        results = {}
+        for domain, image_scores, pixel_scores in zip(self.test_domains, self.image_scores, self.pixel_scores,
+                                                      strict=True):
+            metrics = image_metrics(*image_scores.compute())
+            # A category has masks for all its samples or for none, so with one category per domain every
+            # process takes the same branch (a process skipping the gather alone would stall the others).
+            if not pixel_scores.scores:
+                rank_zero_warn(f"pixel metrics skipped on the {domain} test set: it has no ground-truth masks "
+                               f"(image metrics only)")
+            else:
+                maps, masks = pixel_scores.compute()
+                metrics.update(pixel_metrics(maps, masks, self.aupro_fpr_limit))
+            results.update({f"test/{domain}/{k}": v for k, v in metrics.items() if math.isfinite(v)})
         self.test_results = results
-        self.log_dict({f"test/{k}": v for k, v in results.items()})
+        self.log_dict(results)
 
 
 def rng_states() -> dict:

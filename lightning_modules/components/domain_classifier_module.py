@@ -2,8 +2,9 @@
 validation and test passes over ``datamodules.PairedDomainDataModule``.
 
 Validation gives the source val split (plus, with ``target_val``, the labelled target val split: the oracle),
-testing ``[target test, source test]``. A subclass holds ``self.model`` with ``model(images, domain)`` → defect
-logits and ``model.features(images, domain)``.
+testing one labelled split per name of the DataModule's ``test_dataloader_names`` (``[target test, source
+test]``), logged as ``test/<domain>/accuracy`` and ``test/<domain>/auroc``. A subclass holds ``self.model`` with
+``model(images, domain)`` → defect logits and ``model.features(images, domain)``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from lightning_modules.components.metrics import ScoreCollector, accuracy, auroc
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("source", "oracle")
-TEST_DOMAINS = ("target", "source")  # PairedDomainDataModule.test_dataloader order
 VAL_DOMAINS = ("source", "target_oracle")  # PairedDomainDataModule.val_dataloader order
 
 
@@ -39,7 +39,8 @@ class DomainClassifierModule(ShiftADModule):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.selection = selection
         self.val_scores = [ScoreCollector() for _ in VAL_DOMAINS]
-        self.test_scores = [ScoreCollector() for _ in TEST_DOMAINS]
+        self.test_domains: tuple[str, ...] = ()
+        self.test_scores: list[ScoreCollector] = []
         self.test_results: dict[str, float] = {}
 
     @property
@@ -92,20 +93,21 @@ class DomainClassifierModule(ShiftADModule):
             self.log(f"val/{name}_loss", float(loss), sync_dist=False)
 
     def on_test_epoch_start(self) -> None:
-        for collector in self.test_scores:
-            collector.reset()
+        self.test_domains = self.test_domain_names()
+        self.test_scores = [ScoreCollector().to(self.device) for _ in self.test_domains]
         self.prepare_target_evaluation()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        domain = TEST_DOMAINS[dataloader_idx]
+        # Any split but the source is scored as target (ADDA's target encoder, AdaBN's target statistics).
+        domain = "source" if self.test_domains[dataloader_idx] == "source" else "target"
         self._collect(self.test_scores[dataloader_idx], batch, domain)
 
     def on_test_epoch_end(self) -> None:
         results = {}
-        for name, collector in zip(TEST_DOMAINS, self.test_scores, strict=True):
+        for domain, collector in zip(self.test_domains, self.test_scores, strict=True):
             probabilities, labels = collector.compute()
-            results[f"{name}_accuracy"] = accuracy(probabilities, labels)
+            results[f"test/{domain}/accuracy"] = accuracy(probabilities, labels)
             if labels.unique().numel() == 2:
-                results[f"{name}_auroc"] = auroc(probabilities, labels)
+                results[f"test/{domain}/auroc"] = auroc(probabilities, labels)
         self.test_results = results
-        self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False)
+        self.log_dict(results, sync_dist=False)
