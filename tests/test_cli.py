@@ -75,8 +75,8 @@ def test_wandb_offline_run_holds_metrics_config_and_results(tmp_path, monkeypatc
     main(["test", *TOY, "--run.root", str(tmp_path), "--ckpt_path", "last"])
     test_dir = tmp_path / "toy" / "toy" / "version_1"
     results = json.loads((test_dir / "results.json").read_text())
-    assert results["metrics"]["test/image_auroc"] > 0.9
-    assert "| test/pixel_aupro |" in (test_dir / "results.md").read_text()
+    assert results["metrics"]["test/target/image_auroc"] > 0.9
+    assert "| test/target/pixel_aupro |" in (test_dir / "results.md").read_text()
     assert "Results of toy" in capsys.readouterr().out
     assert (test_dir / "anomaly_maps.png").is_file() and (test_dir / "metrics.csv").is_file()
 
@@ -85,7 +85,7 @@ def test_wandb_offline_run_holds_metrics_config_and_results(tmp_path, monkeypatc
     assert "cli" in fit_run["config_keys"]
     assert "toy" in fit_run["tags"] and fit_run["name"] == "toy/toy/version_0"
     test_run = summary(test_dir)
-    assert {"test/image_auroc", "test/pixel_auroc", "test/pixel_aupro"} <= test_run["history_keys"]
+    assert {"test/target/image_auroc", "test/target/pixel_auroc", "test/target/pixel_aupro"} <= test_run["history_keys"]
     assert any(key.startswith("results") for key in test_run["history_keys"])
     assert any(key.startswith("anomaly_maps") for key in test_run["history_keys"])
 
@@ -123,7 +123,7 @@ def test_fit_can_end_with_a_test_of_the_selected_checkpoint(tmp_path):
     main(["fit", *TOY, "--trainer.max_epochs", "2", "--checkpoint.monitor", "val/loss", "--run.test_after_fit", "true",
           "--run.root", str(tmp_path), "--run.wandb", "false"])
     results = json.loads((tmp_path / "toy" / "toy" / "version_0" / "results.json").read_text())
-    assert results["global_step"] > 0 and "test/image_auroc" in results["metrics"]
+    assert results["global_step"] > 0 and "test/target/image_auroc" in results["metrics"]
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
