@@ -165,7 +165,7 @@ def test_fit_adapt_test_chain_keeps_flow_and_later_blocks_bitwise(surfaces_root,
                              extra=["--run.test_after_fit", "true"])])
     run_dir = tmp_path / "csflow_adapt" / ADAPT_TAG / "version_0"
     results = json.loads((run_dir / "results.json").read_text())["metrics"]
-    assert 0.0 <= results["test/image_auroc"] <= 1.0 and "test/pixel_aupro" in results
+    assert 0.0 <= results["test/target/image_auroc"] <= 1.0 and "test/target/pixel_aupro" in results
 
     before = torch.load(source_checkpoint, weights_only=True)["state_dict"]
     after = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -202,7 +202,7 @@ def test_bf16_mixed_on_cpu_keeps_the_flow_finite(surfaces_root, source_checkpoin
     bf16 = ["--trainer.precision", "bf16-mixed"]
     main(["fit", *source_args(surfaces_root, tmp_path, steps=2, extra=[*bf16, "--run.test_after_fit", "true"])])
     results = json.loads((tmp_path / "csflow" / SOURCE_TAG / "version_0" / "results.json").read_text())["metrics"]
-    assert 0.0 <= results["test/image_auroc"] <= 1.0
+    assert 0.0 <= results["test/target/image_auroc"] <= 1.0
     model = CSFlow.load_from_checkpoint(last_ckpt(tmp_path, "csflow", SOURCE_TAG), weights_only=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.model.features(torch.rand(2, 3, 64, 64))
