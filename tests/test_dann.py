@@ -222,7 +222,7 @@ def test_two_categories_fit_and_test_through_the_cli(surfaces_root, tmp_path):
         main(["fit", *cli_args(surfaces_root, tmp_path, category=category, epochs=2), "--run.test_after_fit", "true"])
         run_dir = tmp_path / "dann" / f"surfaces-{category}-gray-to-none-da" / "version_0"
         metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-        assert {"test/target_accuracy", "test/source_accuracy"} <= metrics.keys()
+        assert {"test/target/accuracy", "test/source/accuracy"} <= metrics.keys()
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics)
         assert (run_dir / "tsne_start.png").is_file() and (run_dir / "tsne_end.png").is_file()
         lambdas = logged(run_dir, "train/grl_lambda")
@@ -238,7 +238,7 @@ def test_other_modes_fit_and_test_in_bf16_mixed(surfaces_root, tmp_path, mode):
     main(["fit", *cli_args(surfaces_root, tmp_path, mode=mode, epochs=2, extra=extra)])
     run_dir = tmp_path / mode / "surfaces-grass-gray-to-none-da" / "version_0"
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-    assert 0.0 <= metrics["test/target_accuracy"] <= 1.0
+    assert 0.0 <= metrics["test/target/accuracy"] <= 1.0
 
 
 def test_killed_fit_resumes_with_the_same_lambda_and_step(surfaces_root, tmp_path):
