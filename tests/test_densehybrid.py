@@ -184,7 +184,7 @@ def test_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
     run = tmp_path / "runs" / "densehybrid"
     (version,) = run.glob("*/version_0")
     results = json.loads((version / "results.json").read_text())["metrics"]
-    assert {"test/pixel_auroc", "test/pixel_fpr95", "test/pixel_ap", "test/image_auroc", "test/pixel_aupro"} <= set(
+    assert {"test/target/pixel_auroc", "test/target/pixel_fpr95", "test/target/pixel_ap", "test/target/image_auroc", "test/target/pixel_aupro"} <= set(
         results)
     assert (version / "anomaly_maps.png").is_file()
     main(["fit", *cli_args(surfaces_root, tmp_path, steps=5), "--ckpt_path", "last"])
@@ -202,6 +202,6 @@ def test_primary_task_category_in_bf16_mixed(surfaces_root, tmp_path):
     logged = {row["step"]: row for row in csv.DictReader((version / "metrics.csv").open())}
     category_ce = [float(row["train/category_ce"]) for row in logged.values() if row.get("train/category_ce")]
     assert len(category_ce) == 3 and all(np.isfinite(category_ce))
-    assert "test/pixel_auroc" in json.loads((version / "results.json").read_text())["metrics"]
+    assert "test/target/pixel_auroc" in json.loads((version / "results.json").read_text())["metrics"]
     with pytest.raises(ValueError, match="num_classes"):
         main(["fit", *cli_args(surfaces_root, tmp_path, extra=(*extra[:-2], "--model.init_args.num_classes", "1"))])
