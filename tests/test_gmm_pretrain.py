@@ -214,7 +214,7 @@ def test_pretrain_under_bf16_resumes_and_feeds_padim_through_the_cli(tmp_path, s
     assert padim.model.model.extractor.normalizer.mean_std() == ((0.5,) * 3, (0.5,) * 3)
     padim_run = runs / "padim" / "surfaces-brick-none-to-none" / "version_0"
     metrics = json.loads((padim_run / "results.json").read_text())["metrics"]
-    assert 0 <= metrics["test/pixel_auroc"] <= 1 and 0 <= metrics["test/image_auroc"] <= 1
+    assert 0 <= metrics["test/target/pixel_auroc"] <= 1 and 0 <= metrics["test/target/image_auroc"] <= 1
     assert (padim_run / "anomaly_maps.png").is_file()
 
 
