@@ -254,7 +254,7 @@ def test_tiny_lodo_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
           "--run.test_after_fit", "true"])
     run_dir = tmp_path / "meta_comparer" / "surfaces-lodo-wood-ref100" / "version_0"
     results = json.loads((run_dir / "results.json").read_text())["metrics"]
-    assert {"test/image_auroc", "test/pixel_auroc"} <= set(results)
+    assert {"test/target/image_auroc", "test/target/pixel_auroc"} <= set(results)
     assert {"train/cls", "train/att", "train/rank", "train/loss", "val/cls"} <= read_metrics(run_dir)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
@@ -267,7 +267,7 @@ def test_tiny_lodo_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
           "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     # filed under both data tags (trained at 100 %, tested at 10 %), not among runs trained at 10 %
     tested = tmp_path / "meta_comparer" / "surfaces-lodo-wood-ref100__on__surfaces-lodo-wood-ref10" / "version_0"
-    assert "test/image_auroc" in json.loads((tested / "results.json").read_text())["metrics"]
+    assert "test/target/image_auroc" in json.loads((tested / "results.json").read_text())["metrics"]
 
 
 def test_aggregate_and_knn_baselines_through_the_cli(surfaces_root, tmp_path):
@@ -276,14 +276,14 @@ def test_aggregate_and_knn_baselines_through_the_cli(surfaces_root, tmp_path):
     run_dir = tmp_path / "meta_comparer_aggregate" / "surfaces-lodo-wood-ref100" / "version_0"
     logged = read_metrics(run_dir)
     assert "train/cls" in logged and "train/att" not in logged and "train/rank" not in logged
-    assert "test/image_auroc" in json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert "test/target/image_auroc" in json.loads((run_dir / "results.json").read_text())["metrics"]
 
     main(["test", "--config", str(REPO / "configs" / "meta_comparer" / "surfaces_knn.yaml"),
           "--data.init_args.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
           "--data.init_args.image_size", "64", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
           "false", "--run.wandb", "false", "--run.root", str(tmp_path)])
     knn = json.loads((tmp_path / "knn_patch" / "surfaces-lodo-wood-ref100" / "version_0" / "results.json").read_text())
-    assert {"test/image_auroc", "test/pixel_auroc"} <= set(knn["metrics"])
+    assert {"test/target/image_auroc", "test/target/pixel_auroc"} <= set(knn["metrics"])
 
 
 def test_padim_baseline_is_fitted_on_exactly_the_references(surfaces_root, tmp_path):
@@ -296,4 +296,4 @@ def test_padim_baseline_is_fitted_on_exactly_the_references(surfaces_root, tmp_p
     assert int(cli.model.model.count) == references.shape[0] < len(cli.datamodule.test_dataset)
     padim = json.loads((tmp_path / "padim_reference" / "surfaces-lodo-wood-ref50" / "version_0" / "results.json")
                        .read_text())
-    assert {"test/image_auroc", "test/pixel_auroc"} <= set(padim["metrics"])
+    assert {"test/target/image_auroc", "test/target/pixel_auroc"} <= set(padim["metrics"])
