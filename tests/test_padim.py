@@ -139,12 +139,12 @@ def test_fit_and_test_under_bf16_through_the_cli(tmp_path, surfaces_root):
           "--run.test_after_fit", "true"])
     run_dir = tmp_path / "padim" / "surfaces-brick-none-to-none" / "version_0"
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-    assert {"test/image_auroc", "test/pixel_auroc", "test/pixel_aupro"} <= set(metrics)
+    assert {"test/target/image_auroc", "test/target/pixel_auroc", "test/target/pixel_aupro"} <= set(metrics)
     assert "val/normal_score" in (run_dir / "metrics.csv").read_text()
     # The lazily shaped statistics come back from the checkpoint: a later test gives the same numbers.
     main(["test", *padim_args(surfaces_root, tmp_path), "--trainer.precision", "bf16-mixed", "--ckpt_path", "last"])
     again = json.loads((run_dir.parent / "version_1" / "results.json").read_text())["metrics"]
-    assert again["test/pixel_auroc"] == pytest.approx(metrics["test/pixel_auroc"], abs=1e-6)
+    assert again["test/target/pixel_auroc"] == pytest.approx(metrics["test/target/pixel_auroc"], abs=1e-6)
     # A checkpoint damaged inside (the zip intact) is refused with its path, not a linear-algebra error.
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     checkpoint["state_dict"] = damaged(checkpoint["state_dict"], "model.", "not_positive_definite")
