@@ -1,43 +1,24 @@
-"""What the ShiftAD DataModules share: dataset/root resolution, shifts, loaders, ``describe``, ``run_tag``."""
+"""What the ShiftAD DataModules share: the source domain, loaders, ``describe``, ``run_tag``."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.dataset import AnomalyDataset
-from datamodules.readers import CategorySamples, Sample, check_categories, check_dataset_name, read_category
+from datamodules.domain import DomainArg, ResolvedDomain, plain, resolve_source
+from datamodules.readers import Sample
 from datamodules.sampling import resumable_loader
-from datamodules.shifts import Shift, check_shift_name
+from datamodules.shifts import Shift
 from datamodules.splits import rng_for
-from datamodules.surfaces import SURFACES_CATEGORIES, default_surfaces_root, ensure_surfaces, is_built
+from datamodules.surfaces import ensure_embedded, is_built
 
 Description = dict[str, str | int | float | None]
-
-
-def resolve_root(dataset: str, root: str | None) -> Path:
-    """The dataset folder; for ``surfaces`` without ``root`` the default build in the cache folder."""
-    check_dataset_name(dataset)
-    if root is not None:
-        return Path(root).expanduser()
-    if dataset == "surfaces":
-        return default_surfaces_root()
-    raise ValueError(f"dataset={dataset!r} needs root=<folder of the dataset>; only 'surfaces' is built on demand")
-
-
-def check_source(dataset: str, root: Path, categories: Sequence[str]) -> None:
-    """Fail fast (no image scan) on a missing root or category; a surfaces root is built later if absent."""
-    if dataset == "surfaces" and not is_built(root):
-        unknown = [c for c in categories if c not in SURFACES_CATEGORIES]
-        if unknown:
-            raise ValueError(f"unknown surfaces category {unknown}; valid: {', '.join(SURFACES_CATEGORIES)}")
-        return
-    check_categories(dataset, root, list(categories))
 
 
 def safe_tag(*parts: str) -> str:
@@ -59,44 +40,54 @@ class ShiftADDataModule(LightningDataModule):
     (``lightning_modules.components.backbone.FeatureExtractor``) owns the mean/std of its weights.
 
     Args:
-        dataset: ``surfaces`` (embedded, built on first use), ``mvtec``, ``visa``, ``btad`` or ``folder``
-            (any dataset in MVTec AD layout).
-        root: dataset folder; ``None`` only for ``surfaces`` (the cache folder, ``$SHIFTAD_CACHE``).
+        source: the source domain (``datamodules.domain.Domain``); LODO's has no category.
         image_size: side of the square images fed to the model.
         resize_size: resize to this side, then centre-crop ``image_size``; ``None`` resizes directly.
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         seed: seed of every split and draw (validation hold-out, shots, references).
-        source_shift: domain shift of the source domain; ``None``/``none`` is no shift.
-        target_shift: domain shift of the target domain; ``None``/``none`` is no shift.
         style_reference: image file used as style photograph by the ``fda``/``histmatch``/``pda`` shifts
             instead of their default scikit-image photograph.
+
+    Subclasses resolve ``self.target`` (the domain they test on) in their ``__init__``.
     """
 
-    def __init__(self, dataset: str, root: str | None, image_size: int, resize_size: int | None, batch_size: int,
-                 num_workers: int, seed: int, source_shift: str | None, target_shift: str | None,
-                 style_reference: str | None) -> None:
+    target: ResolvedDomain
+
+    def __init__(self, source: DomainArg, image_size: int, resize_size: int | None, batch_size: int,
+                 num_workers: int, seed: int, style_reference: str | None, source_needs_category: bool = True) -> None:
         super().__init__()
         if image_size < 8 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"need image_size >= 8, batch_size >= 1, num_workers >= 0; got {image_size}, "
                              f"{batch_size}, {num_workers}")
-        self.dataset = dataset
-        self.root = resolve_root(dataset, root)
+        self.source = resolve_source(source, needs_category=source_needs_category)
         self.image_size = image_size
         self.resize_size = resize_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.source_shift = check_shift_name(source_shift)
-        self.target_shift = check_shift_name(target_shift)
         self.style_reference = style_reference
         self._is_set_up = False
+
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        """As Lightning's, with every ``Domain`` stored as a plain dict (checkpoints load with weights_only)."""
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame or inspect.currentframe().f_back,
+                                     logger=logger)
+        for store in (self._hparams, self._hparams_initial):
+            for key, value in store.items():
+                store[key] = plain(value)
+
+    def domains_read(self) -> list[ResolvedDomain]:
+        """Every domain whose images this DataModule reads (the embedded ones are built by ``prepare_data``)."""
+        return [self.source, self.target]
 
     # ------------------------------------------------------------------------------------------ hooks
 
     def prepare_data(self) -> None:
-        if self.dataset == "surfaces":
-            ensure_surfaces(self.root)
+        for domain in self.domains_read():
+            if domain.embedded and not is_built(domain.root):
+                with domain.naming():
+                    ensure_embedded(domain.dataset, domain.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self._is_set_up:
@@ -110,9 +101,6 @@ class ShiftADDataModule(LightningDataModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ helpers
-
-    def _read(self, category: str, dataset: str | None = None, root: Path | None = None) -> CategorySamples:
-        return read_category(dataset or self.dataset, root or self.root, category)
 
     def _dataset(self, samples: Sequence[Sample], domains: Sequence[str], shift: str,
                  hide_labels: bool = False, symmetry_stream: str | None = None) -> AnomalyDataset:
@@ -148,10 +136,18 @@ class ShiftADDataModule(LightningDataModule):
         if not self._is_set_up:
             raise RuntimeError(f"{type(self).__name__}: call setup() (or let the Trainer do it) first")
 
+    def target_is_other_folder(self) -> bool:
+        """Whether the target's images are not the source's (another dataset, folder or category)."""
+        return not self.target.same_images_as(self.source)
+
     def describe(self) -> Description:
         """What data this run used, as flat values (for results files and W&B tags)."""
-        return {"dataset": self.dataset, "source_shift": self.source_shift, "target_shift": self.target_shift,
-                "seed": self.seed, "image_size": self.image_size}
+        described: Description = {"dataset": self.source.dataset, "source_shift": self.source.shift,
+                                  "target_shift": self.target.shift, "seed": self.seed, "image_size": self.image_size}
+        if self.target_is_other_folder():
+            described.update(target_dataset=self.target.dataset, target_root=str(self.target.root),
+                             target_category=",".join(self.target.categories))
+        return described
 
     @property
     def run_tag(self) -> str:

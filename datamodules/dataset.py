@@ -15,7 +15,7 @@ Every item is a dict that the default collate batches:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import albumentations as A
 import cv2
@@ -90,7 +90,7 @@ class AnomalyDataset(Dataset):
     Args:
         samples: the images and their annotations.
         domains: the DataModule's domain list; ``domain_index`` is a sample's domain's index in it.
-        shift: the domain shift applied to every image (never to masks).
+        shift: the domain shift applied to every image (never to masks), or one shift per domain name.
         image_size: side of the square output.
         resize_size: if set, resize to this side first and centre-crop ``image_size``.
         hide_labels: return label -1, an empty mask, has_mask False and defect_type "unlabelled", for
@@ -101,12 +101,16 @@ class AnomalyDataset(Dataset):
             afresh and a resumed run draws the same. For textures, which have no canonical orientation.
     """
 
-    def __init__(self, samples: Sequence[Sample], domains: Sequence[str], shift: Shift, image_size: int,
-                 resize_size: int | None = None, hide_labels: bool = False,
+    def __init__(self, samples: Sequence[Sample], domains: Sequence[str], shift: Shift | Mapping[str, Shift],
+                 image_size: int, resize_size: int | None = None, hide_labels: bool = False,
                  symmetry_seed: int | None = None) -> None:
         unknown = sorted({s.domain for s in samples} - set(domains))
         if unknown:
             raise ValueError(f"samples of domain(s) {unknown} are not in the domain list {list(domains)}")
+        if isinstance(shift, Mapping):
+            unshifted = sorted({s.domain for s in samples} - set(shift))
+            if unshifted:
+                raise ValueError(f"samples of domain(s) {unshifted} have no shift in {sorted(shift)}")
         self.samples = list(samples)
         self.domains = list(domains)
         self.shift = shift
@@ -126,7 +130,8 @@ class AnomalyDataset(Dataset):
         else:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
         resized = self.resize(image=image, mask=mask)
-        image, mask = self.shift(resized["image"]), resized["mask"]
+        shift = self.shift[sample.domain] if isinstance(self.shift, Mapping) else self.shift
+        image, mask = shift(resized["image"]), resized["mask"]
         if self.symmetry_seed is not None:
             symmetry = int(rng_for(self.symmetry_seed, "symmetry", str(key)).integers(8))
             image, mask = (square_symmetry(array, symmetry) for array in (image, mask))

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import Description, ShiftADDataModule, check_source, resolve_root, safe_tag
+from datamodules.base import Description, ShiftADDataModule, safe_tag
 from datamodules.dataset import AnomalyDataset
+from datamodules.domain import UNSET, Domain, ResolvedDomain, as_domain, report_shift, resolve_target
+from datamodules.readers import CategorySamples, Sample
+from datamodules.shifts import Shift
 from datamodules.splits import draw_fraction, rng_for, stratified_split
-from datamodules.surfaces import SURFACES_CATEGORIES, ensure_surfaces
+from datamodules.surfaces import SURFACES_CATEGORIES
 
+SOURCE_DEFAULT = Domain(dataset="surfaces")
 
 class EpisodeDataset(Dataset):
     """Query images, each with ``num_references`` normal reference images of the query's own domain.
@@ -51,6 +56,14 @@ class EpisodeDataset(Dataset):
         return {"query": query, "references": references}
 
 
+class _Entry(NamedTuple):
+    """One entry of LODO's ``domains``: its name, whether it was a full ``Domain``, and where its images are."""
+
+    name: str
+    full: bool
+    resolved: ResolvedDomain
+
+
 class LODODataModule(ShiftADDataModule):
     """Leave-one-domain-out: learn to compare queries with normal references on the source domains, test on
     the held-out domain with references from its normal training images only.
@@ -62,23 +75,25 @@ class LODODataModule(ShiftADDataModule):
       Only image-level labels should be used in training; masks are there for analysis.
     - Validation (``val_dataloader``): a held-out ``val_fraction`` of the source queries (stratified by
       defect type), as episodes with fixed references.
-    - Test (``test_dataloader``): the held-out domain's test images as plain sample dicts.
+    - Test (``test_dataloader``, named ``("target",)``): the held-out domain's test images as plain sample
+      dicts.
     - Held-out references (``reference_dataset()``, ``reference_dataloader()``, ``reference_images()``):
       ``reference_fraction`` of the held-out domain's train normals (drawn by ``seed``); test-time
       methods (the meta-comparer's references, PaDiM/kNN baselines fitted on them) use exactly these.
 
-    Source domains are under ``source_shift``, the held-out domain under ``target_shift``. Images in
-    [0, 1], NOT normalised (the model's ``FeatureExtractor`` owns the weights' mean/std). ``domain_index``
-    is the position of the domain in ``domains``.
+    Each entry of ``domains`` is a name, a category of ``source``'s dataset and folder under its shift, or a
+    full ``Domain`` with its own dataset, root, one category and shift (named ``name``, default its
+    category), so that e.g. MVTec textures, a BTAD product and a user folder are one list. The held-out
+    domain is its entry overridden by ``target``'s set fields; its shift is ``target.shift``, else a full
+    entry's own, else none (a source shift does not carry over). Images in [0, 1], NOT normalised (the
+    model's ``FeatureExtractor`` owns the weights' mean/std). ``domain_index`` is the position of the
+    domain in ``domains``.
 
     Args:
-        dataset: dataset of the source domains: ``surfaces``, ``mvtec``, ``visa``, ``btad`` or ``folder``.
-        root: its folder; ``None`` only for ``surfaces`` (built on first use in ``$SHIFTAD_CACHE``).
-        domains: all domains (categories), the held-out one included; ``None`` = every surfaces category.
-        held_out: the unseen test domain; must be in ``domains``.
-        held_out_dataset: dataset of the held-out domain for cross-dataset runs (e.g. MVTec -> BTAD);
-            ``None`` = ``dataset``.
-        held_out_root: folder of ``held_out_dataset``; ``None`` = ``root``.
+        source: dataset, root and shift of the name entries of ``domains`` (no category).
+        target: overrides of the held-out domain (cross-dataset: ``{dataset: btad, root: /data/btad}``).
+        domains: all domains, the held-out one included; ``None`` = every category of the embedded source.
+        held_out: the name of the unseen test domain; must be in ``domains``.
         num_references: normal reference images per training/validation query.
         reference_fraction: fraction of the held-out domain's train normals used as references, 0.1-1.0.
         val_fraction: fraction of the source queries held out for validation.
@@ -87,19 +102,17 @@ class LODODataModule(ShiftADDataModule):
         batch_size: queries per batch.
         num_workers: DataLoader worker processes.
         seed: seed of the validation split, of every reference draw and of the reference fraction.
-        source_shift: shift of the source domains; ``None`` is no shift.
-        target_shift: shift of the held-out domain; ``None`` is no shift.
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
     """
 
+    test_dataloader_names = ("target",)
+
     def __init__(
         self,
-        dataset: str = "surfaces",
-        root: str | None = None,
-        domains: list[str] | None = None,
+        source: Domain = SOURCE_DEFAULT,
+        target: Domain = UNSET,
+        domains: list[str | Domain] | None = None,
         held_out: str = "wood",
-        held_out_dataset: str | None = None,
-        held_out_root: str | None = None,
         num_references: int = 4,
         reference_fraction: float = 1.0,
         val_fraction: float = 0.1,
@@ -108,66 +121,108 @@ class LODODataModule(ShiftADDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
-        source_shift: str | None = None,
-        target_shift: str | None = None,
         style_reference: str | None = None,
     ) -> None:
-        super().__init__(dataset, root, image_size, resize_size, batch_size, num_workers, seed, source_shift,
-                         target_shift, style_reference)
+        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference,
+                         source_needs_category=False)
         self.save_hyperparameters()
+        if self.source.categories:
+            raise ValueError(f"LODO takes its domains from domains=[...], not source.category "
+                             f"({list(self.source.categories)}); leave source.category unset")
         if domains is None:
-            if dataset != "surfaces":
-                raise ValueError(f"dataset={dataset!r} needs domains=[...] (e.g. MVTec carpet, grid, leather, tile, "
-                                 "wood); only 'surfaces' has a default domain list")
+            if not self.source.embedded:
+                raise ValueError(f"source.dataset={self.source.dataset!r} needs domains=[...] (e.g. MVTec carpet, "
+                                 "grid, leather, tile, wood); only the embedded datasets have a default domain list")
             domains = list(SURFACES_CATEGORIES)
-        self.domains = list(domains)
+        entries = {}
+        for entry in domains:
+            domain = self._entry(entry)
+            if domain.name in entries:
+                raise ValueError(f"domains must have distinct names, {domain.name!r} is there twice")
+            entries[domain.name] = domain
+        self.domains = list(entries)
         if held_out not in self.domains:
             raise ValueError(f"held_out={held_out!r} is not in domains {self.domains}")
-        if len(set(self.domains)) != len(self.domains) or len(self.domains) < 2:
+        if len(self.domains) < 2:
             raise ValueError(f"domains must be at least two distinct names, got {self.domains}")
         if not 0.1 <= reference_fraction <= 1.0:
             raise ValueError(f"reference_fraction must be in [0.1, 1.0], got {reference_fraction}")
         if num_references < 1:
             raise ValueError(f"num_references must be >= 1, got {num_references}")
         self.held_out = held_out
-        self.source_domains = [d for d in self.domains if d != held_out]
-        self.held_out_dataset = held_out_dataset or dataset
-        same_source = held_out_root is None and self.held_out_dataset == dataset
-        self.held_out_root: Path = self.root if same_source else resolve_root(self.held_out_dataset, held_out_root)
+        self.source_domains = [entries[name] for name in self.domains if name != held_out]
+        given = as_domain(target)
+        entry = entries[held_out]
+        shift = given.shift if given.shift is not None else (entry.resolved.shift if entry.full else None)
+        self.target = dataclasses.replace(
+            resolve_target(dataclasses.replace(given, shift=shift), entry.resolved), name=held_out)
+        self.held_out_dataset = self.target.dataset
         self.num_references = num_references
         self.reference_fraction = reference_fraction
         self.val_fraction = val_fraction
-        check_source(dataset, self.root, self.source_domains)
-        check_source(self.held_out_dataset, self.held_out_root, [held_out])
+        for domain in self.source_domains:
+            domain.resolved.check()
+        self.target.check()
+        if self.target_is_other_folder():
+            report_shift(self.source, self.target, warn_no_shift=False)
 
-    def prepare_data(self) -> None:
-        super().prepare_data()
-        if self.held_out_dataset == "surfaces" and self.held_out_root != self.root:
-            ensure_surfaces(self.held_out_root)
+    def _entry(self, entry: str | Domain | dict) -> _Entry:
+        """One ``domains`` entry resolved: a name is a category of the source's folder under its shift."""
+        if isinstance(entry, str):
+            resolved = dataclasses.replace(self.source, categories=(entry,), role=f"domain {entry!r}", name=entry)
+            return _Entry(entry, False, resolved)
+        spec = as_domain(entry)
+        category = spec.category if isinstance(spec.category, str) else None
+        name = spec.name or category
+        if name is None:
+            raise ValueError(f"domain entry {entry!r} needs one category (and optionally a name)")
+        resolved = resolve_target(spec, self.source, role=f"domain {name!r}")
+        return _Entry(name, True, dataclasses.replace(resolved, name=name))
+
+    def domains_read(self) -> list[ResolvedDomain]:
+        return [domain.resolved for domain in self.source_domains] + [self.target]
+
+    def target_is_other_folder(self) -> bool:
+        return not self.target.same_folder_as(self.source)
+
+    def _samples(self, domain: ResolvedDomain) -> CategorySamples:
+        """The domain's samples, named by the domain (a full entry may rename its category)."""
+        samples = domain.read(domain.category)
+        if domain.name == domain.category:
+            return samples
+        return CategorySamples(*([dataclasses.replace(s, domain=domain.name) for s in split]
+                                 for split in (samples.train, samples.test)))
 
     def _build(self) -> None:
-        queries, val_queries = [], []
-        for domain in self.source_domains:
-            samples = self._read(domain)
+        queries, val_queries, normals = [], [], []
+        for entry in self.source_domains:
+            domain = entry.resolved
+            samples = self._samples(domain)
             train, val, _ = stratified_split(samples.train + samples.test, lambda s: s.defect_type,
-                                             self.val_fraction, 0.0, self.seed, "lodo-val", domain)
-            queries += train
-            val_queries += val
-        normals = [s for s in queries if s.label == 0]
-        held = self._read(self.held_out, self.held_out_dataset, self.held_out_root)
+                                             self.val_fraction, 0.0, self.seed, "lodo-val", entry.name)
+            queries.append((train, domain.shift))
+            val_queries.append((val, domain.shift))
+            normals.append(([s for s in train if s.label == 0], domain.shift))
+        held = self._samples(self.target)
         references = draw_fraction(held.train, self.reference_fraction, self.seed, "references", self.held_out)
 
-        source = self._dataset(normals, self.domains, self.source_shift)
-        self.train_dataset = EpisodeDataset(self._dataset(queries, self.domains, self.source_shift), source,
-                                            self.num_references, self.seed, "train")
-        self.val_dataset = EpisodeDataset(self._dataset(val_queries, self.domains, self.source_shift), source,
-                                          self.num_references, self.seed, "val")
+        source = self._pooled(normals)
+        self.train_dataset = EpisodeDataset(self._pooled(queries), source, self.num_references, self.seed, "train")
+        self.val_dataset = EpisodeDataset(self._pooled(val_queries), source, self.num_references, self.seed, "val")
         if len(self.train_dataset) < self.batch_size:
             raise ValueError(f"{len(self.train_dataset)} training queries are fewer than batch_size={self.batch_size}; "
                              "with drop_last=True there would be no batch")
-        self.test_dataset = self._dataset(held.test, self.domains, self.target_shift)
-        self._reference_dataset = self._dataset(references, self.domains, self.target_shift)
+        self.test_dataset = self._dataset(held.test, self.domains, self.target.shift)
+        self._reference_dataset = self._dataset(references, self.domains, self.target.shift)
 
+    def _pooled(self, parts: list[tuple[list[Sample], str]]) -> AnomalyDataset:
+        """The source domains' samples in one dataset, each domain under its own shift."""
+        samples = [s for part, _ in parts for s in part]
+        shifts = {shift for _, shift in parts}
+        if len(shifts) == 1:
+            return self._dataset(samples, self.domains, shifts.pop())
+        by_domain = {s.domain: Shift(shift, self.style_reference) for part, shift in parts for s in part}
+        return AnomalyDataset(samples, self.domains, by_domain, self.image_size, self.resize_size)
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._train_loader(self.train_dataset, drop_last=True, epoch_keys=True)
@@ -192,7 +247,9 @@ class LODODataModule(ShiftADDataModule):
 
     @property
     def run_tag(self) -> str:
-        datasets = self.dataset if self.held_out_dataset == self.dataset else f"{self.dataset}-to-{self.held_out_dataset}"
-        shifts = "" if self.source_shift == self.target_shift == "none" else f"{self.source_shift}-to-{self.target_shift}"
+        source, target = self.source, self.target
+        datasets = (source.dataset if target.same_folder_as(source)
+                    else f"{source.dataset}-to-{target.folder_tag(source)}")
+        shifts = "" if source.shift == target.shift == "none" else f"{source.shift}-to-{target.shift}"
         return safe_tag(datasets, "lodo", self.held_out, f"ref{round(self.reference_fraction * 100)}", shifts)
 

@@ -6,8 +6,9 @@ from typing import Literal, get_args
 
 from torch.utils.data import ConcatDataset, DataLoader
 
-from datamodules.base import Description, ShiftADDataModule, categories_tag, check_source, safe_tag
+from datamodules.base import Description, ShiftADDataModule, categories_tag, safe_tag
 from datamodules.dataset import AnomalyDataset
+from datamodules.domain import UNSET, Domain, ResolvedDomain, is_explicit, report_shift, resolve_target
 from datamodules.splits import draw_shots, hold_out
 
 TrainOn = Literal["source", "target_shots", "source+target_shots", "target"]
@@ -15,37 +16,40 @@ TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
 _TRAIN_ON_TAGS = {"source": "", "target": "on-target", "target_shots": "on-shots", "source+target_shots": "on-source+shots"}
 
 
+SOURCE_DEFAULT = Domain(dataset="surfaces", category="brick")
+
 class OneClassDataModule(ShiftADDataModule):
     """Train on normal images, test on normal and defective ones (paper 001's protocol and the usual AD setup).
 
-    The target domain is the same images under ``target_shift``. Splits, per category:
+    The target is a synthetic shift of the source's images (``target: {shift: gray}``) or other images
+    (``target: {root: /data/lineB}``, ``{dataset: surfaces_line_b}``); see ``datamodules.domain``. Splits, per
+    category of each domain:
 
-    - ``train``: the train normals minus the validation hold-out, chosen by ``train_on``:
-      ``source`` (under ``source_shift``; source-only baseline and phase 1), ``target`` (all of them
-      under ``target_shift``; full-target baseline), ``target_shots`` (only the k target shots) or
-      ``source+target_shots`` (both).
-    - ``val``: a held-out ``val_fraction`` of the train normals (never test images), under
-      ``source_shift``, or ``target_shift`` when ``train_on="target"``.
-    - ``test``: the test split (normals and defects) under ``target_shift``.
-    - ``target_train_dataloader()``: the k target shots under ``target_shift``, for phase-2 adaptation.
-      The shots are drawn from the train normals (never the validation or test images): the pool is
+    - ``train``: train normals minus the validation hold-out, chosen by ``train_on``: ``source`` (the
+      source's; source-only baseline and phase 1), ``target`` (the target's; full-target baseline),
+      ``target_shots`` (only the k target shots) or ``source+target_shots`` (both).
+    - ``val``: a held-out ``val_fraction`` of the train normals (never test images) of the source, or of
+      the target when ``train_on="target"``.
+    - ``test`` (``test_dataloader()``, named by ``test_dataloader_names``): the target's test split (normals
+      and defects), then the source's when the source differs from the target (other images or shift),
+      so that one test run reports both domains.
+    - ``target_train_dataloader()``: the k target shots, for phase-2 adaptation. They are drawn from the
+      target's train normals minus its validation hold-out (never validation or test images): the pool is
       permuted by ``seed`` and cut into ``num_folds`` disjoint chunks; fold f uses k images of chunk f.
 
     Batches are dicts of the sample contract in ``datamodules.dataset``; images in [0, 1], NOT normalised
     (the model's ``FeatureExtractor`` applies its weights' mean/std). A list of categories pools them,
-    each with its own ``domain_index`` (its position in the list).
+    each with its own ``domain_index`` (its position in the list; target categories not in the source's
+    list follow them).
 
     Args:
-        dataset: ``surfaces``, ``mvtec``, ``visa``, ``btad`` or ``folder``.
-        root: dataset folder; ``None`` only for ``surfaces`` (built on first use in ``$SHIFTAD_CACHE``).
-        category: one category, or a list of categories pooled together.
+        source: the training domain: dataset, root, category (one or a list) and shift.
+        target: the test domain; unset fields are the source's (``shift`` excepted: unset is none).
         image_size: side of the square images fed to the model.
         resize_size: resize to this side, then centre-crop ``image_size``; ``None`` resizes directly.
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         seed: seed of the validation hold-out and of the shot draw.
-        source_shift: shift of the source (training) domain; ``None`` is no shift.
-        target_shift: shift of the target (test) domain; ``None`` is no shift.
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
         val_fraction: fraction of the train normals held out for validation.
         train_on: ``source``, ``target``, ``target_shots`` or ``source+target_shots``.
@@ -56,16 +60,13 @@ class OneClassDataModule(ShiftADDataModule):
 
     def __init__(
         self,
-        dataset: str = "surfaces",
-        root: str | None = None,
-        category: str | list[str] = "brick",
+        source: Domain = SOURCE_DEFAULT,
+        target: Domain = UNSET,
         image_size: int = 256,
         resize_size: int | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
-        source_shift: str | None = None,
-        target_shift: str | None = None,
         style_reference: str | None = None,
         val_fraction: float = 0.1,
         train_on: TrainOn = "source",
@@ -73,12 +74,9 @@ class OneClassDataModule(ShiftADDataModule):
         fold: int = 0,
         num_folds: int = 5,
     ) -> None:
-        super().__init__(dataset, root, image_size, resize_size, batch_size, num_workers, seed, source_shift,
-                         target_shift, style_reference)
+        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference)
         self.save_hyperparameters()
-        self.categories = [category] if isinstance(category, str) else list(category)
-        if not self.categories or len(set(self.categories)) != len(self.categories):
-            raise ValueError(f"category must be one name or a list of distinct names, got {category!r}")
+        self.target = resolve_target(target, self.source)
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         if "shots" in train_on and target_shots is None:
@@ -92,42 +90,78 @@ class OneClassDataModule(ShiftADDataModule):
         self.target_shots = target_shots
         self.fold = fold
         self.num_folds = num_folds
-        check_source(dataset, self.root, self.categories)
+        self.categories = list(self.source.categories)
+        self.domains = self.categories + [c for c in self.target.categories if c not in self.categories]
+        self.source.check()
+        if self.target_is_other_folder():
+            self.target.check()
+        report_shift(self.source, self.target, warn_no_shift=is_explicit(target))
+        tests_source = self.target_is_other_folder() or self.source.shift != self.target.shift
+        self.test_dataloader_names: tuple[str, ...] = ("target", "source") if tests_source else ("target",)
+
+    def _splits(self, domain: ResolvedDomain, with_shots: bool) -> tuple[list, list, list, list]:
+        """(train normals kept, validation hold-out, k shots, test split) of a domain, over its categories."""
+        kept, held, shots, test = [], [], [], []
+        for category in domain.categories:
+            samples = domain.read(category)
+            with domain.naming():
+                category_kept, category_held = hold_out(samples.train, self.val_fraction, self.seed, "val", category)
+                if with_shots and self.target_shots is not None:
+                    shots += draw_shots(category_kept, self.target_shots, self.fold, self.num_folds, self.seed,
+                                        category)
+            kept += category_kept
+            held += category_held
+            test += samples.test
+        return kept, held, shots, test
 
     def _build(self) -> None:
-        train, val, shots, test = [], [], [], []
-        for category in self.categories:
-            samples = self._read(category)
-            kept, held = hold_out(samples.train, self.val_fraction, self.seed, "val", category)
-            train += kept
-            val += held
-            test += samples.test
-            if self.target_shots is not None:
-                shots += draw_shots(kept, self.target_shots, self.fold, self.num_folds, self.seed, category)
-        domains = self.categories
+        if self.target_is_other_folder():
+            source_train, source_val, _, source_test = self._splits(self.source, with_shots=False)
+            target_train, target_val, shots, target_test = self._splits(self.target, with_shots=True)
+        else:  # the same images: one hold-out and test split, under each domain's shift
+            target_train, target_val, shots, target_test = self._splits(self.target, with_shots=True)
+            source_train, source_val, source_test = target_train, target_val, target_test
+        domains = self.domains
         self.target_shots_dataset: AnomalyDataset | None = (
-            self._dataset(shots, domains, self.target_shift) if shots else None
+            self._dataset(shots, domains, self.target.shift) if shots else None
         )
         parts = {
-            "source": [self._dataset(train, domains, self.source_shift)],
-            "target": [self._dataset(train, domains, self.target_shift)],
+            "source": [self._dataset(source_train, domains, self.source.shift)],
+            "target": [self._dataset(target_train, domains, self.target.shift)],
             "target_shots": [self.target_shots_dataset],
-            "source+target_shots": [self._dataset(train, domains, self.source_shift), self.target_shots_dataset],
+            "source+target_shots": [self._dataset(source_train, domains, self.source.shift),
+                                    self.target_shots_dataset],
         }[self.train_on]
         self.train_dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-        val_shift = self.target_shift if self.train_on == "target" else self.source_shift
-        self.val_dataset = self._dataset(val, domains, val_shift)
-        self.test_dataset = self._dataset(test, domains, self.target_shift)
+        if self.train_on == "target":
+            self.val_dataset = self._dataset(target_val, domains, self.target.shift)
+        else:
+            self.val_dataset = self._dataset(source_val, domains, self.source.shift)
+        self.test_dataset = self._dataset(target_test, domains, self.target.shift)
+        self.source_test_dataset: AnomalyDataset | None = (
+            self._dataset(source_test, domains, self.source.shift) if "source" in self.test_dataloader_names
+            else None
+        )
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._train_loader(self.train_dataset)
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """The target's test split, then the source's when they differ (``test_dataloader_names``)."""
+        self._require_setup()
+        loaders = [self._loader(self.test_dataset)]
+        if self.source_test_dataset is not None:
+            loaders.append(self._loader(self.source_test_dataset))
+        return loaders
+
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The target's test split."""
+        self._require_setup()
+        return self._loader(self.test_dataset)
 
     def target_train_dataloader(self) -> DataLoader:
-        """The k target normal shots under ``target_shift`` (shuffled), for few-shot adaptation."""
+        """The k target normal shots under the target's shift (shuffled), for few-shot adaptation."""
         self._require_setup()
         if self.target_shots_dataset is None:
             raise ValueError("target_train_dataloader() needs target_shots (k) to be set")
@@ -146,5 +180,7 @@ class OneClassDataModule(ShiftADDataModule):
     @property
     def run_tag(self) -> str:
         shots = f"k{self.target_shots}-f{self.fold}" if self.target_shots is not None else ""
-        return safe_tag(self.dataset, categories_tag(self.categories), self.source_shift, "to", self.target_shift,
-                        _TRAIN_ON_TAGS[self.train_on], shots)
+        target = ([self.target.folder_tag(self.source), categories_tag(self.target.categories)]
+                  if self.target_is_other_folder() else [])
+        return safe_tag(self.source.dataset, categories_tag(self.categories), self.source.shift, "to", *target,
+                        self.target.shift, _TRAIN_ON_TAGS[self.train_on], shots)

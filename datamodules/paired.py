@@ -4,43 +4,44 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from datamodules.base import Description, ShiftADDataModule, check_source, safe_tag
+from datamodules.base import Description, ShiftADDataModule, safe_tag
+from datamodules.domain import UNSET, Domain, ResolvedDomain, report_shift, resolve_target
 from datamodules.splits import stratified_split
 
+SOURCE_DEFAULT = Domain(dataset="surfaces", category="brick", shift="gray")  # paper 000
 
 class PairedDomainDataModule(ShiftADDataModule):
-    """Labelled source domain and unlabelled target domain made of the same images under two shifts.
+    """Labelled source domain and unlabelled target domain, for domain adaptation of a defect classifier.
 
-    All images of ``category`` (train normals, test normals and defects) are pooled and split by ``seed``
-    into train/val/test, stratified by defect type. The source domain is each split under
-    ``source_shift``, the target domain the same split under ``target_shift``. Paper 000: source = the
-    grayscale images with labels (``source_shift="gray"``), target = the RGB originals without labels.
+    All images of the source category (train normals, test normals and defects) are pooled and split by
+    ``seed`` into train/val/test, stratified by defect type. When the target is the same images under
+    another shift (paper 000: source ``{shift: gray}`` with labels, target the RGB originals without), the
+    target splits are the same splits under the target's shift. When the target is other images (another
+    folder, dataset or category), its own images are pooled and split the same way (same fractions and
+    seed). Either way the target's test split is labelled and gives the target metrics.
 
     Dataloaders:
 
-    - ``train_dataloader()``: ``{"source": DataLoader, "target": DataLoader}`` over the train split, both
-      shuffled with ``drop_last=True``; Lightning combines them (``max_size_cycle``). Target samples hide
-      their labels: label -1, empty mask, has_mask False, defect_type ``"unlabelled"``.
+    - ``train_dataloader()``: ``{"source": DataLoader, "target": DataLoader}`` over the train splits, both
+      shuffled with ``drop_last=True`` and as many batches as the larger of the two; Lightning combines
+      them (``max_size_cycle``). Target samples hide their labels: label -1, empty mask, has_mask False,
+      defect_type ``"unlabelled"``.
     - ``val_dataloader()``: the source val split (dataloader_idx 0). With ``target_val=True`` the target
       val split with labels is added as dataloader_idx 1: that is the target-label ORACLE for model
       selection, to be reported under that name.
-    - ``test_dataloader()``: ``[target test, source test]``: dataloader_idx 0 is the target test split
-      (target accuracy), 1 the same images under the source shift (source accuracy). Both labelled.
+    - ``test_dataloader()``: ``[target test, source test]`` (``test_dataloader_names``), both labelled.
 
     Items follow the sample contract of ``datamodules.dataset``; images in [0, 1], NOT normalised (the
     model's ``FeatureExtractor`` owns the weights' mean/std).
 
     Args:
-        dataset: ``surfaces``, ``mvtec``, ``visa``, ``btad`` or ``folder``.
-        root: dataset folder; ``None`` only for ``surfaces`` (built on first use in ``$SHIFTAD_CACHE``).
-        category: the category whose images are pooled.
+        source: the labelled domain: dataset, root, one category and shift (paper 000: ``shift: gray``).
+        target: the unlabelled domain; unset fields are the source's (``shift`` excepted: unset is none).
         image_size: side of the square images fed to the model.
         resize_size: resize to this side, then centre-crop ``image_size``; ``None`` resizes directly.
         batch_size: images per batch and per domain.
         num_workers: DataLoader worker processes.
         seed: seed of the stratified split.
-        source_shift: shift of the labelled source domain (paper 000: ``gray``).
-        target_shift: shift of the unlabelled target domain (paper 000: ``None``, the originals).
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
         val_fraction: fraction of every defect type (and of the normals) in the val split.
         test_fraction: fraction of every defect type (and of the normals) in the test split.
@@ -54,54 +55,64 @@ class PairedDomainDataModule(ShiftADDataModule):
 
     def __init__(
         self,
-        dataset: str = "surfaces",
-        root: str | None = None,
-        category: str = "brick",
+        source: Domain = SOURCE_DEFAULT,
+        target: Domain = UNSET,
         image_size: int = 256,
         resize_size: int | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
-        source_shift: str | None = "gray",
-        target_shift: str | None = None,
         style_reference: str | None = None,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         target_val: bool = False,
         symmetry_augment: bool = False,
     ) -> None:
-        super().__init__(dataset, root, image_size, resize_size, batch_size, num_workers, seed, source_shift,
-                         target_shift, style_reference)
+        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference)
         self.save_hyperparameters()
-        self.category = category
+        self.target = resolve_target(target, self.source)
+        self.category = self.source.category
+        self.target_category = self.target.category
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.target_val = target_val
         self.symmetry_augment = symmetry_augment
-        check_source(dataset, self.root, [category])
+        self.source.check()
+        if self.target_is_other_folder():
+            self.target.check()
+        report_shift(self.source, self.target, warn_no_shift=True)
+
+    def _split(self, domain: ResolvedDomain, *names: str) -> tuple[list, list, list]:
+        samples = domain.read(domain.category)
+        with domain.naming():
+            splits = stratified_split(samples.train + samples.test, lambda s: s.defect_type, self.val_fraction,
+                                      self.test_fraction, self.seed, *names, domain.category)
+            for name, split in zip(("train", "val", "test"), splits, strict=True):
+                if not split:
+                    raise ValueError(f"the {name} split of {domain.category!r} is empty; adjust "
+                                     "val_fraction/test_fraction")
+            if len(splits[0]) < self.batch_size:
+                raise ValueError(f"the train split of {domain.category!r} has {len(splits[0])} images, fewer than "
+                                 f"batch_size={self.batch_size}; with drop_last=True there would be no batch")
+        return splits
 
     def _build(self) -> None:
-        samples = self._read(self.category)
-        train, val, test = stratified_split(samples.train + samples.test, lambda s: s.defect_type,
-                                            self.val_fraction, self.test_fraction, self.seed, "paired",
-                                            self.category)
-        for name, split in (("train", train), ("val", val), ("test", test)):
-            if not split:
-                raise ValueError(f"the {name} split of {self.category!r} is empty; adjust val_fraction/test_fraction")
-        if len(train) < self.batch_size:
-            raise ValueError(f"the train split of {self.category!r} has {len(train)} images, fewer than "
-                             f"batch_size={self.batch_size}; with drop_last=True there would be no batch")
-        domains = [self.category]
+        train, val, test = self._split(self.source, "paired")
+        if self.target_is_other_folder():
+            target_train, target_val, target_test = self._split(self.target, "paired", "target")
+        else:
+            target_train, target_val, target_test = train, val, test
+        domains = list(dict.fromkeys([self.category, self.target_category]))
         augment = self.symmetry_augment
-        self.source_train = self._dataset(train, domains, self.source_shift,
+        self.source_train = self._dataset(train, domains, self.source.shift,
                                           symmetry_stream="source" if augment else None)
-        self.target_train = self._dataset(train, domains, self.target_shift, hide_labels=True,
+        self.target_train = self._dataset(target_train, domains, self.target.shift, hide_labels=True,
                                           symmetry_stream="target" if augment else None)
-        self.target_statistics = self._dataset(train, domains, self.target_shift, hide_labels=True)
-        self.source_val = self._dataset(val, domains, self.source_shift)
-        self.target_val_dataset = self._dataset(val, domains, self.target_shift)
-        self.target_test = self._dataset(test, domains, self.target_shift)
-        self.source_test = self._dataset(test, domains, self.source_shift)
+        self.target_statistics = self._dataset(target_train, domains, self.target.shift, hide_labels=True)
+        self.source_val = self._dataset(val, domains, self.source.shift)
+        self.target_val_dataset = self._dataset(target_val, domains, self.target.shift)
+        self.target_test = self._dataset(target_test, domains, self.target.shift)
+        self.source_test = self._dataset(test, domains, self.source.shift)
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         self._require_setup()
@@ -133,5 +144,7 @@ class PairedDomainDataModule(ShiftADDataModule):
 
     @property
     def run_tag(self) -> str:
-        return safe_tag(self.dataset, self.category, self.source_shift, "to", self.target_shift, "da",
-                        "oracle" if self.target_val else "")
+        target = ([self.target.folder_tag(self.source), self.target_category]
+                  if self.target_is_other_folder() else [])
+        return safe_tag(self.source.dataset, self.category, self.source.shift, "to", *target, self.target.shift,
+                        "da", "oracle" if self.target_val else "")
