@@ -10,8 +10,8 @@ Protocols (columns), each scored by image AUROC on the target test split (mean o
 - ``full_target``: phase 1 on all target normals (``baseline_target_full.yaml``; upper bound, no folds).
 
 Every job is one ``python cli.py fit|test ...`` process with the same configs a user runs (the timing runs
-in this process, to time the training loop alone). Results are appended
-to ``<out>.json`` after every job and a job already there is skipped, so an interrupted sweep continues.
+in this process, to time the training loop alone). Results are merged into the ledger ``<out>.json`` after
+every job and a job already there is skipped, so an interrupted sweep continues.
 
     python benchmarks/csflow_table.py --out docs/results/csflow_table                      # full: 5 folds
     python benchmarks/csflow_table.py --folds 0 1 --out docs/results/csflow_table          # reduced
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from lightning.pytorch import Callback
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.runner import Ledger, markdown_table, run_cli, test_metrics  # noqa: E402
 from cli import ShiftADCLI  # noqa: E402
 
 SHIFTS = ("gray", "brg", "coljit", "fda", "histmatch")
@@ -42,6 +41,7 @@ PROTOCOLS = ("source_only", "k_only", "source_plus_k", "adapted", "full_target")
 BASELINE_CONFIGS = {"k_only": "baseline_target_shots.yaml", "source_plus_k": "baseline_source_plus_shots.yaml",
                     "full_target": "baseline_target_full.yaml"}
 CONFIGS = REPO / "configs" / "csflow"
+METRIC = "target/image_auroc"
 
 
 class FitTimer(Callback):
@@ -65,7 +65,7 @@ class FitTimer(Callback):
 
 
 def common_args(args: argparse.Namespace, run_root: Path) -> list[str]:
-    return ["--data.init_args.category", args.category, "--data.init_args.image_size", str(args.image_size),
+    return ["--data.init_args.source.category", args.category, "--data.init_args.image_size", str(args.image_size),
             "--run.root", str(run_root), "--run.wandb", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *args.extra]
 
@@ -95,22 +95,14 @@ def run_fit(command: list[str], timer: FitTimer | None = None, test: bool = True
     """One ``cli.py fit ... --run.test_after_fit true`` in this process; returns (test metrics, seconds)."""
     started = time.perf_counter()
     cli = TimedCLI([timer] if timer else [], args=["fit", *command, "--run.test_after_fit", str(test).lower()])
-    return {k.removeprefix("test/"): v for k, v in cli.model.test_results.items()}, time.perf_counter() - started
+    return test_metrics(cli.model.test_results), time.perf_counter() - started
 
 
-def run_job(subcommand: str, command: list[str], run_root: Path) -> tuple[dict, float]:
-    """One ``python cli.py <subcommand> ...`` in a fresh process (sweep jobs stay independent of each other);
-    returns (test metrics from the run's results.json, seconds of the whole job)."""
-    started = time.perf_counter()
-    extra = ["--run.test_after_fit", "true"] if subcommand == "fit" else []
-    result = subprocess.run([sys.executable, "cli.py", subcommand, *command, *extra], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, "WANDB_MODE": "offline"})
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"cli.py {subcommand} {' '.join(command)} failed:\n{result.stderr[-4000:]}")
-    newest = max(run_root.rglob("results.json"), key=lambda p: p.stat().st_mtime)
-    metrics = json.loads(newest.read_text())["metrics"]
-    return {k.removeprefix("test/"): v for k, v in metrics.items()}, seconds
+def run_job(subcommand: str, command: list[str], run_root: Path) -> dict:
+    """One ``python cli.py <subcommand> ...`` (a fit tests after fitting); returns its record."""
+    run = run_cli(subcommand, [*command, *(["--run.test_after_fit", "true"] if subcommand == "fit" else [])],
+                  run_root)
+    return {**run.metrics, **run.cost()}
 
 
 def last_checkpoint(run_root: Path, method: str) -> Path:
@@ -118,18 +110,15 @@ def last_checkpoint(run_root: Path, method: str) -> Path:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    out_json = Path(f"{args.out}.json")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(out_json.read_text()) if out_json.exists() else {}
+    ledger = Ledger(Path(f"{args.out}.json"), lambda record: record["key"])
+    records = {record["key"]: record for record in ledger.merge()}
     run_root = Path(args.run_root)
 
     def record(key: str, job) -> None:
         if key in records:
             return
         print(f"=== {key}", flush=True)
-        metrics, seconds = job()
-        records[key] = {**metrics, "seconds": round(seconds, 1)}
-        out_json.write_text(json.dumps(records, indent=1))
+        records.update((r["key"], r) for r in ledger.merge([{"key": key, **job()}]))
         write_table(records, args)
 
     source_root = run_root / "source_only"
@@ -137,7 +126,7 @@ def sweep(args: argparse.Namespace) -> None:
     def source_only(shift: str):
         if not list(source_root.glob("csflow/*/version_*/checkpoints/last.ckpt")):
             run_job("fit", [*source_config(args), *common_args(args, source_root)], source_root)
-        return run_job("test", [*source_config(args), *common_args(args, source_root), "--data.init_args.target_shift",
+        return run_job("test", [*source_config(args), *common_args(args, source_root), "--data.init_args.target.shift",
                                 shift, "--ckpt_path", str(last_checkpoint(source_root, "csflow"))], source_root)
 
     for shift in args.shifts:
@@ -146,12 +135,12 @@ def sweep(args: argparse.Namespace) -> None:
         if "full_target" in args.protocols:
             record(f"full_target/{shift}", lambda shift=shift: run_job("fit", [
                 *source_config(args), "-c", str(CONFIGS / BASELINE_CONFIGS["full_target"]),
-                "--data.init_args.target_shift", shift, *common_args(args, run_root / "full_target")],
+                "--data.init_args.target.shift", shift, *common_args(args, run_root / "full_target")],
                 run_root / "full_target"))
     for fold in args.folds:
         for k in args.shots:
             for shift in args.shifts:
-                shots = ["--data.init_args.target_shift", shift, "--data.init_args.target_shots", str(k),
+                shots = ["--data.init_args.target.shift", shift, "--data.init_args.target_shots", str(k),
                          "--data.init_args.fold", str(fold)]
                 if "adapted" in args.protocols:
                     record(f"adapted/{shift}/k{k}/f{fold}",
@@ -171,7 +160,7 @@ def adapt_command(args: argparse.Namespace, run_root: Path, shots: list[str]) ->
 
 
 def cell(records: dict, prefix: str) -> str:
-    values = [v["image_auroc"] for key, v in records.items() if key == prefix or key.startswith(prefix + "/")]
+    values = [v[METRIC] for key, v in records.items() if key == prefix or key.startswith(prefix + "/")]
     if not values:
         return "—"
     mean = statistics.mean(values)
@@ -182,9 +171,9 @@ def write_table(records: dict, args: argparse.Namespace) -> None:
     shots = sorted({int(key.split("/k")[1].split("/")[0]) for key in records if "/k" in key} | set(args.shots))
     header = (["shift", "source-only"] + [f"k-only k={k}" for k in shots] + [f"source+k k={k}" for k in shots]
               + [f"adapted k={k}" for k in shots] + ["full target"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     columns = (["source_only"] + [f"k_only/{{s}}/k{k}" for k in shots] + [f"source_plus_k/{{s}}/k{k}" for k in shots]
                + [f"adapted/{{s}}/k{k}" for k in shots] + ["full_target"])
+    rows = []
     for shift in [*args.shifts, "mean"]:
         row = [shift]
         for column in columns:
@@ -195,14 +184,14 @@ def write_table(records: dict, args: argparse.Namespace) -> None:
                 row.append(f"{statistics.mean(per_shift):.3f}" if per_shift and None not in per_shift else "—")
             else:
                 row.append(cell(records, prefix))
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
     title = (f"CS-Flow on surfaces/{args.category}, {args.image_size} px: target image AUROC, mean over the folds "
              f"run (n = number of folds averaged; source-only and full target have no folds)\n\n")
-    Path(f"{args.out}.md").write_text(title + "\n".join(lines) + "\n")
+    Path(f"{args.out}.md").write_text(title + "\n".join(markdown_table(header, rows)) + "\n")
 
 
 def _mean(records: dict, prefix: str) -> float | None:
-    values = [v["image_auroc"] for key, v in records.items() if key == prefix or key.startswith(prefix + "/")]
+    values = [v[METRIC] for key, v in records.items() if key == prefix or key.startswith(prefix + "/")]
     return statistics.mean(values) if values else None
 
 
@@ -222,7 +211,7 @@ def timing(args: argparse.Namespace) -> None:
     timer = FitTimer()
     if not list((run_root / "source_only").glob("csflow/*/version_*/checkpoints/last.ckpt")):
         run_job("fit", [*source_config(args), *common_args(args, run_root / "source_only")], run_root / "source_only")
-    run_fit(adapt_command(args, run_root, ["--data.init_args.target_shift", "gray", "--data.init_args.target_shots", "1"]),
+    run_fit(adapt_command(args, run_root, ["--data.init_args.target.shift", "gray", "--data.init_args.target_shots", "1"]),
             timer, test=False)
     results["phase2_adapt_k1"] = {"steps": args.adapt_steps, "train_s": round(timer.total, 2)}
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))

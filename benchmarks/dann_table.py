@@ -22,20 +22,21 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import fcntl
-import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-import torch  # noqa: E402
-
+from benchmarks.runner import (  # noqa: E402
+    Ledger,
+    markdown_table,
+    mean_std,
+    relabelled_checkpoint,
+    run_cli,
+    tested_checkpoint,
+)
 from datamodules.surfaces import SURFACES_CATEGORIES  # noqa: E402
 
 MODES = ("source_only", "adabn", "dann", "adda")
@@ -64,38 +65,23 @@ def run_job(direction: str, category: str, mode: str, seed: int, args: argparse.
     source_shift, target_shift = DIRECTIONS[direction]
     run_root = Path(args.run_root) / direction / mode / f"seed{seed}" / category
     data = ["--config", "configs/trainer/default.yaml", "--config", f"configs/dann/surfaces_{mode}.yaml",
-            "--data.init_args.category", category, "--data.init_args.source_shift", source_shift,
-            "--data.init_args.target_shift", target_shift,
+            "--data.init_args.source.category", category, "--data.init_args.source.shift", source_shift,
+            "--data.init_args.target.shift", target_shift,
             *(["--data.init_args.image_size", str(args.image_size)] if args.image_size else []),
             "--seed_everything", str(seed), "--run.root", str(run_root), "--run.wandb", "false",
             "--trainer.enable_progress_bar", "false"]
     if checkpoint is None:
-        command = [sys.executable, "cli.py", "fit", *data, "--run.test_after_fit", "true",
-                   *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra]
+        run = run_cli("fit", [*data, "--run.test_after_fit", "true",
+                              *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra],
+                      run_root)
     else:
-        # ``cli.py test`` builds the model from the checkpoint's hyperparameters, so the copy says mode=adabn.
-        relabelled = run_root / "source_only_as_adabn.ckpt"
-        run_root.mkdir(parents=True, exist_ok=True)
-        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-        state["hyper_parameters"]["mode"] = "adabn"
-        torch.save({k: v for k, v in state.items() if k not in ("optimizer_states", "lr_schedulers")}, relabelled)
-        command = [sys.executable, "cli.py", "test", *data, "--ckpt_path", str(relabelled), *args.extra]
-    started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "WANDB_MODE": "offline"})
-    finally:
-        if checkpoint is not None:
+        relabelled = relabelled_checkpoint(checkpoint, run_root / "source_only_as_adabn.ckpt", mode="adabn")
+        try:
+            run = run_cli("test", [*data, "--ckpt_path", str(relabelled), *args.extra], run_root)
+        finally:
             relabelled.unlink()
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"job {job_key(direction, category, mode, seed)} failed:\n{' '.join(command)}\n"
-                           f"{result.stderr[-4000:]}")
-    newest = max(run_root.glob(f"{mode}/*/version_*/results.json"), key=lambda p: p.stat().st_mtime)
-    metrics = json.loads(newest.read_text())["metrics"]
-    record = {"direction": direction, "category": category, "mode": mode, "seed": seed, "seconds": round(seconds, 1),
-              "run_dir": str(newest.parent), "command": " ".join(command[1:]),
-              **{k.removeprefix("test/"): v for k, v in metrics.items()}}
+    record = {"direction": direction, "category": category, "mode": mode, "seed": seed, **run.cost(),
+              **run.metrics}
     if mode == "adabn":
         record["adabn_statistics"] = ADABN_STATISTICS
         if checkpoint is not None:
@@ -107,40 +93,8 @@ def is_current(record: dict) -> bool:
     return record["mode"] != "adabn" or record.get("adabn_statistics") == ADABN_STATISTICS
 
 
-def selected_checkpoint(record: dict | None) -> Path | None:
-    """The checkpoint a finished fit tested (selected on the source val split), if it is still on disk."""
-    results = Path(record["run_dir"]) / "results.json" if record else None
-    if results is None or not results.is_file():
-        return None
-    checkpoint = json.loads(results.read_text()).get("checkpoint")
-    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
-
-
-def merge_into_ledger(ledger: Path, new: list[dict]) -> list[dict]:
-    """Adds ``new`` to the ledger on disk (replacing records of the same job) and returns all its records."""
-    with open(ledger.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            records = json.loads(ledger.read_text())["records"] if ledger.is_file() else []
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise SystemExit(f"ledger {ledger} is not a dann_table ledger ({error!r}); expected "
-                             f'{{"records": [...]}}: fix or move it, nothing was written') from error
-        keys = {record_key(r) for r in new}
-        records = [r for r in records if record_key(r) not in keys]
-        records += new
-        partial = ledger.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
-        os.replace(partial, ledger)
-    return records
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    scaled = [100 * v for v in values]
-    if len(scaled) == 1:
-        return f"{scaled[0]:.2f} (n=1)"
-    return f"{statistics.mean(scaled):.2f} ± {statistics.stdev(scaled):.2f} (n={len(scaled)})"
+def percent(values: list[float]) -> str:
+    return mean_std(values, scale=100, digits=2)
 
 
 def tables(records: list[dict], modes: tuple[str, ...]) -> str:
@@ -156,21 +110,19 @@ def tables(records: list[dict], modes: tuple[str, ...]) -> str:
         seeds = sorted({r["seed"] for r in rows})
         done = {(r["category"], r["mode"], r["seed"]) for r in rows}
         complete = [s for s in seeds if all((c, m, s) in done for c in categories for m in modes)]
-        for metric, title in (("target_accuracy", "target test accuracy (%)"),
-                              ("target_auroc", "target test AUROC (%)"),
-                              ("source_accuracy", "source test accuracy (%)")):
+        for metric, title in (("target/accuracy", "target test accuracy (%)"),
+                              ("target/auroc", "target test AUROC (%)"),
+                              ("source/accuracy", "source test accuracy (%)")):
             out.append(f"### {direction.replace('_to_', ' → ')}: {title}, mean ± std over seeds\n")
-            out.append("| category | " + " | ".join(modes) + " |")
-            out.append("| --- |" + " --- |" * len(modes))
-            for category in categories:
-                cells = [mean_std([r[metric] for r in rows
-                                   if r["category"] == category and r["mode"] == m and metric in r]) for m in modes]
-                out.append(f"| {category} | " + " | ".join(cells) + " |")
-            cells = [mean_std([statistics.mean(r[metric] for r in rows
-                                               if r["mode"] == mode and r["seed"] == s and metric in r)
-                               for s in complete]) for mode in modes]
+            table = [[category, *(percent([r[metric] for r in rows if r["category"] == category
+                                           and r["mode"] == m and metric in r]) for m in modes)]
+                     for category in categories]
             label = f"seeds {', '.join(map(str, complete))}" if complete else "no seed complete"
-            out.append(f"| **mean** ({label}) | " + " | ".join(cells) + " |\n")
+            table.append([f"**mean** ({label})", *(percent([statistics.mean(
+                r[metric] for r in rows if r["mode"] == mode and r["seed"] == s and metric in r)
+                for s in complete]) for mode in modes)])
+            out += markdown_table(["category", *modes], table)
+            out[-1] += "\n"
     seconds = [r["seconds"] for r in records]
     if seconds:
         out.append(f"Fit + test wall time per job: median {statistics.median(seconds):.0f} s "
@@ -196,11 +148,10 @@ def main() -> None:
     if args.quick:
         args.categories, args.seeds = ["brick", "woven"], [0]
     out = Path(args.out)
-    ledger = out.with_suffix(".json")
-    if args.table_only and not ledger.is_file():
-        raise SystemExit(f"--table-only: no ledger {ledger} (give the --out of an earlier sweep)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records = merge_into_ledger(ledger, [])
+    ledger = Ledger(out.with_suffix(".json"), record_key)
+    if args.table_only and not ledger.path.is_file():
+        raise SystemExit(f"--table-only: no ledger {ledger.path} (give the --out of an earlier sweep)")
+    records = ledger.merge()
     done = {record_key(r) for r in records if is_current(r)}
     if args.table_only:
         out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
@@ -223,7 +174,7 @@ def main() -> None:
             while queue and len(futures) < args.jobs:
                 job = queue.popleft()
                 source_only = by_key.get(job_key(*source_only_of(job)))
-                checkpoint = selected_checkpoint(source_only) if job[2] == "adabn" else None
+                checkpoint = tested_checkpoint(source_only["run_dir"]) if job[2] == "adabn" and source_only else None
                 futures[pool.submit(run_job, *job, args, checkpoint)] = job
 
         submit_next()
@@ -237,9 +188,9 @@ def main() -> None:
                 else:
                     record = future.result()
                     by_key[job_key(*job)] = record
-                    records = merge_into_ledger(ledger, [record])
-                    print(f"{job_key(*job)}: target {record['target_accuracy']:.4f} "
-                          f"source {record['source_accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
+                    records = ledger.merge([record])
+                    print(f"{job_key(*job)}: target {record['target/accuracy']:.4f} "
+                          f"source {record['source/accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
                     out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
                 if job in waiting:  # without a checkpoint (the fit failed) the adabn job fits on its own
                     queue.appendleft(waiting.pop(job))

@@ -52,8 +52,9 @@ TABLE1_ROWS = {
     "freeze-none_rectangle": ("none", "rectangle"),
     "freeze-all_rectangle": ("all", "rectangle"),
 }
-METRICS = {"pixel AUROC": "test/pixel_auroc", "pixel FPR95": "test/pixel_fpr95", "pixel AP": "test/pixel_ap",
-           "image AUROC": "test/image_auroc", "pixel AUPRO": "test/pixel_aupro"}
+METRICS = {"pixel AUROC": "test/target/pixel_auroc", "pixel FPR95": "test/target/pixel_fpr95",
+           "pixel AP": "test/target/pixel_ap", "image AUROC": "test/target/image_auroc",
+           "pixel AUPRO": "test/target/pixel_aupro"}
 WARMUP_BATCHES = 2
 SCORE_ABLATION = ("outlier_head", "energy")
 ABLATION_METRICS = ("pixel AUROC", "image AUROC")
@@ -162,7 +163,7 @@ def per_category_row(args: argparse.Namespace, key: str, freeze: str, paste: str
         version = f"{key}-{category}"
         print(f"[{time.strftime('%H:%M:%S')}] {version}", flush=True)
         if not reusable(args, version):
-            run_cli([*fit_args(args, version, freeze, paste), "--data.init_args.category", category,
+            run_cli([*fit_args(args, version, freeze, paste), "--data.init_args.source.category", category,
                      "--run.test_after_fit", "true"])
         fitted = run_dir(args.run_root, version)
         runs[category] = read_run(fitted)
@@ -170,7 +171,7 @@ def per_category_row(args: argparse.Namespace, key: str, freeze: str, paste: str
             tested = f"{version}-{score}"
             if not reusable(args, tested):
                 run_cli(["test", *common_args(args, tested), "--model.init_args.freeze", freeze,
-                         "--model.init_args.anomaly_score", score, "--data.init_args.category", category,
+                         "--model.init_args.anomaly_score", score, "--data.init_args.source.category", category,
                          "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")])
             alone = read_run(run_dir(args.run_root, tested))
             runs[category].update({f"{name} ({score})": alone[name] for name in ABLATION_METRICS})
@@ -181,7 +182,7 @@ def pooled_row(args: argparse.Namespace, key: str, freeze: str, paste: str, prim
     """One model trained on all categories, tested on each."""
     categories = f"[{','.join(args.categories)}]"
     task = ["--model.init_args.primary_task", primary_task, "--model.init_args.num_classes",
-            str(len(args.categories) if primary_task == "category" else 21), "--data.init_args.category", categories]
+            str(len(args.categories) if primary_task == "category" else 21), "--data.init_args.source.category", categories]
     print(f"[{time.strftime('%H:%M:%S')}] {key} (pooled fit)", flush=True)
     if not reusable(args, key, needs_results=False):
         run_cli([*fit_args(args, key, freeze, paste), *task])
@@ -192,7 +193,7 @@ def pooled_row(args: argparse.Namespace, key: str, freeze: str, paste: str, prim
         version = f"{key}-test-{category}"
         if not reusable(args, version):
             run_cli(["test", *common_args(args, version), "--model.init_args.freeze", freeze,
-                     "--model.init_args.paste_shape", paste, *task[:4], "--data.init_args.category", category,
+                     "--model.init_args.paste_shape", paste, *task[:4], "--data.init_args.source.category", category,
                      "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")])
         runs[category] = {**read_run(run_dir(args.run_root, version)), **throughput}
     return {"freeze": freeze, "paste": paste, "primary_task": primary_task,
@@ -207,7 +208,7 @@ def fresh_process_throughput(args: argparse.Namespace) -> None:
         for old in args.run_root.glob(f"densehybrid/*/{version}"):
             shutil.rmtree(old)
         command = [sys.executable, "cli.py", *fit_args(args, version, freeze, paste), "--trainer.max_epochs", "1",
-                   "--trainer.limit_val_batches", "0", "--data.init_args.category", args.categories[0]]
+                   "--trainer.limit_val_batches", "0", "--data.init_args.source.category", args.categories[0]]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         print(f"[{time.strftime('%H:%M:%S')}] {version}", flush=True)
         subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)

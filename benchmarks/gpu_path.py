@@ -33,14 +33,14 @@ class Method:
     args: tuple[str, ...] = ()
     ddp_strategy: str = "ddp"
     #: the test metrics shown in the table
-    metrics: tuple[str, ...] = ("test/image_auroc", "test/pixel_auroc")
+    metrics: tuple[str, ...] = ("test/target/image_auroc", "test/target/pixel_auroc")
     needs: str | None = None  # the method whose checkpoint (same variant) this one starts from
     validates: bool = True  # False: the protocol has no validation data (few-shot: k target images only)
 
 
 METHODS = (
-    Method("dann", "dann/surfaces_dann.yaml", ("--data.init_args.category", "brick"),
-           metrics=("test/target_accuracy", "test/target_auroc")),
+    Method("dann", "dann/surfaces_dann.yaml", ("--data.init_args.source.category", "brick"),
+           metrics=("test/target/accuracy", "test/target/auroc")),
     Method("csflow", "csflow/source_surfaces.yaml"),
     Method("csflow_adapt", "csflow/adapt_gray.yaml", needs="csflow", validates=False),
     Method("meta_comparer", "meta_comparer/surfaces.yaml", ("--data.init_args.held_out", "wood")),

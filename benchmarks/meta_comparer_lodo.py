@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.runner import test_metrics  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 from datamodules.surfaces import SURFACES_CATEGORIES  # noqa: E402
 
@@ -76,11 +77,12 @@ def config_args(configs: list[str]) -> list[str]:
     return [arg for config in [TRAINER, *configs] for arg in ("--config", config)]
 
 
-def record(results: dict, path: Path, key: str, metrics: dict, seconds: float) -> None:
+def record(results: dict, path: Path, key: str, logged: dict, seconds: float) -> None:
+    metrics = test_metrics(logged)
     results[key] = {"metrics": metrics, "seconds": round(seconds, 1)}
     path.write_text(json.dumps(results, indent=2))
-    print(f"[lodo] {key}: image AUROC {metrics.get('image_auroc', float('nan')):.4f}  "
-          f"pixel AUROC {metrics.get('pixel_auroc', float('nan')):.4f}  ({seconds:.0f} s)", flush=True)
+    print(f"[lodo] {key}: image AUROC {metrics.get('target/image_auroc', float('nan')):.4f}  "
+          f"pixel AUROC {metrics.get('target/pixel_auroc', float('nan')):.4f}  ({seconds:.0f} s)", flush=True)
 
 
 def run_domain(args: argparse.Namespace, held_out: str, results: dict, json_path: Path) -> None:
@@ -114,8 +116,9 @@ def run_domain(args: argparse.Namespace, held_out: str, results: dict, json_path
 
 
 def metric(results: dict, method: str, domain: str, fraction: float, name: str) -> float | None:
+    """Metric ``name`` (``image_auroc``, ...) of a run on its held-out domain, the test's target."""
     entry = results.get(f"{method}/{domain}/{fraction}")
-    return None if entry is None else entry["metrics"].get(name)
+    return None if entry is None else entry["metrics"].get(f"target/{name}")
 
 
 def fmt(value: float | None) -> str:

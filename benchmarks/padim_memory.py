@@ -31,10 +31,12 @@ def child(count: int, image_size: int, batch_size: int) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     from datamodules import OneClassDataModule
+    from datamodules.domain import Domain
     from lightning_modules.padim import Padim
 
     torch.set_num_threads(1)
-    data = OneClassDataModule(dataset="surfaces", category="brick", image_size=image_size, val_fraction=0.0)
+    data = OneClassDataModule(source=Domain(dataset="surfaces", category="brick"), image_size=image_size,
+                              val_fraction=0.0)
     data.setup("fit")
     sample = data.train_dataset[0]
 

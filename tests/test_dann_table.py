@@ -11,7 +11,7 @@ MODES = ("source_only", "adabn")
 
 def record(category: str, mode: str, seed: int, accuracy: float) -> dict:
     return {"direction": "gray_to_rgb", "category": category, "mode": mode, "seed": seed, "seconds": 1.0,
-            "target_accuracy": accuracy, "target_auroc": accuracy, "source_accuracy": accuracy,
+            "target/accuracy": accuracy, "target/auroc": accuracy, "source/accuracy": accuracy,
             **({"adabn_statistics": ADABN_STATISTICS} if mode == "adabn" else {})}
 
 

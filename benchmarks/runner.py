@@ -1,0 +1,147 @@
+"""What the table runners share: a ledger of finished jobs, ``python cli.py`` jobs and their results, and the
+mean ± std cells of the tables."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Ledger:
+    """The records of finished jobs in a JSON file ``{"records": [...]}``, one record per job key.
+
+    Every merge re-reads the file under a lock (``<name>.lock`` beside it) and replaces it atomically, so two
+    sweeps may share a ledger and a sweep cut off at any point keeps every job it finished.
+    """
+
+    def __init__(self, path: Path, key: Callable[[dict], str]) -> None:
+        self.path = Path(path)
+        self.key = key
+
+    def merge(self, new: Iterable[dict] = ()) -> list[dict]:
+        """Adds ``new`` (replacing the records of the same jobs) and returns all records."""
+        new = list(new)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = self._read()
+            replaced = {self.key(record) for record in new}
+            records = [record for record in records if self.key(record) not in replaced] + new
+            if new:
+                partial = self.path.with_suffix(".json.partial")
+                partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
+                os.replace(partial, self.path)
+        return records
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        try:
+            records = json.loads(self.path.read_text())["records"]
+            for record in records:
+                self.key(record)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SystemExit(f"ledger {self.path} is not a ledger of this runner ({error!r}); expected "
+                             f'{{"records": [...]}} with the fields of its job keys: fix or move it, nothing '
+                             f"was written") from error
+        return records
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A finished ``python cli.py`` job: its test metrics (``test/`` removed), run folder and cost."""
+
+    metrics: dict[str, float]
+    run_dir: Path
+    wall_seconds: float
+    cpu_seconds: float  # user + system time of the job's process and the processes it waited for
+    command: str
+
+    def cost(self) -> dict:
+        return {"seconds": round(self.wall_seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "run_dir": str(self.run_dir), "command": self.command}
+
+
+def run_cli(subcommand: str, arguments: list[str], run_root: Path, env: dict[str, str] | None = None) -> CliRun:
+    """``python cli.py <subcommand> <arguments>`` in a fresh process (sweep jobs stay independent); its output
+    is appended to ``<run_root>/cli.log``. Returns the metrics of the ``results.json`` the job wrote under
+    ``run_root`` (a ``test``, or a ``fit`` with ``--run.test_after_fit true``)."""
+    run_root = Path(run_root)
+    run_root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "cli.py", subcommand, *arguments]
+    log = run_root / "cli.log"
+    started_at = time.time()
+    started = time.perf_counter()
+    with open(log, "a") as output:
+        output.write(f"$ {' '.join(command[1:])}\n")
+        output.flush()
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
+        try:
+            # wait4 gives this child's own resource use, exact even while other jobs run beside it.
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall_seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"cli.py {subcommand} failed (exit {process.returncode}): {' '.join(command[1:])}\n"
+                           f"last lines of {log}:\n{tail}")
+    fresh = [path for path in run_root.rglob("results.json") if path.stat().st_mtime >= started_at - 1]
+    if not fresh:
+        raise RuntimeError(f"cli.py {subcommand} wrote no results.json under {run_root}: {' '.join(command[1:])}")
+    results = max(fresh, key=lambda path: path.stat().st_mtime)
+    return CliRun(test_metrics(json.loads(results.read_text())["metrics"]), results.parent, wall_seconds,
+                  usage.ru_utime + usage.ru_stime, " ".join(command[1:]))
+
+
+def test_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """Test metrics by ``<domain>/<metric>`` (``target/image_auroc``): the logged keys without ``test/``."""
+    return {name.removeprefix("test/"): value for name, value in logged.items()}
+
+
+def tested_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint the run's test scored (a fit's selected one), if it is still on disk."""
+    results = Path(run_dir) / "results.json"
+    checkpoint = json.loads(results.read_text()).get("checkpoint") if results.is_file() else None
+    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+
+
+def relabelled_checkpoint(checkpoint: Path, destination: Path, **hyper_parameters) -> Path:
+    """A copy of ``checkpoint`` with some model hyperparameters changed and no optimizer state (``cli.py test``
+    builds the model from the checkpoint's hyperparameters, e.g. a source-only fit tested as ``mode: adabn``)."""
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    state["hyper_parameters"].update(hyper_parameters)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in state.items() if k not in ("optimizer_states", "lr_schedulers")}, destination)
+    return destination
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± std (n=N)`` of ``values × scale`` (sample std); ``—`` when there are none."""
+    if not values:
+        return "—"
+    scaled = [scale * v for v in values]
+    if len(scaled) == 1:
+        return f"{scaled[0]:.{digits}f} (n=1)"
+    return f"{statistics.mean(scaled):.{digits}f} ± {statistics.stdev(scaled):.{digits}f} (n={len(scaled)})"
+
+
+def markdown_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
