@@ -52,27 +52,27 @@ class Case:
 def dann_args(mode: str) -> Callable[[Path, Path, dict], list[str]]:
     def args(root: Path, runs: Path, context: dict) -> list[str]:
         extra = ["--model.init_args.pretrain_epochs", "1"] if mode == "adda" else []
-        return [*config(f"dann/surfaces_{mode}.yaml"), *QUIET, "--data.init_args.root", str(root),
-                "--data.init_args.category", "grass", "--data.init_args.image_size", "32",
+        return [*config(f"dann/surfaces_{mode}.yaml"), *QUIET, "--data.init_args.source.root", str(root),
+                "--data.init_args.source.category", "grass", "--data.init_args.image_size", "32",
                 "--run.root", str(runs), *extra]
     return args
 
 
 def csflow_args(root: Path, runs: Path, context: dict) -> list[str]:
-    return [*config("csflow/source_surfaces.yaml"), *QUIET, "--data.init_args.root", str(root),
+    return [*config("csflow/source_surfaces.yaml"), *QUIET, "--data.init_args.source.root", str(root),
             "--data.init_args.image_size", "64", "--model.init_args.image_size", "64",
             "--model.init_args.hidden_channels", "8", "--trainer.check_val_every_n_epoch", "1",
             "--run.root", str(runs)]
 
 
 def csflow_adapt_args(root: Path, runs: Path, context: dict) -> list[str]:
-    return [*config("csflow/adapt_gray.yaml"), *QUIET, "--data.init_args.root", str(root),
+    return [*config("csflow/adapt_gray.yaml"), *QUIET, "--data.init_args.source.root", str(root),
             "--data.init_args.image_size", "64", "--data.init_args.target_shots", "2",
             "--model.init_args.source_checkpoint", str(context["csflow_source"]), "--run.root", str(runs)]
 
 
 def meta_comparer_args(root: Path, runs: Path, context: dict) -> list[str]:
-    return [*config("meta_comparer/surfaces.yaml"), *QUIET, "--data.init_args.root", str(root),
+    return [*config("meta_comparer/surfaces.yaml"), *QUIET, "--data.init_args.source.root", str(root),
             "--data.init_args.domains", "[brick, grass, wood]", "--data.init_args.held_out", "wood",
             "--data.init_args.image_size", "64", "--model.init_args.num_query_patches", "32",
             "--model.init_args.num_reference_patches", "48",
@@ -82,7 +82,7 @@ def meta_comparer_args(root: Path, runs: Path, context: dict) -> list[str]:
 
 def padim_args(root: Path, runs: Path, context: dict) -> list[str]:
     return [*config("trainer/default.yaml"), *config("padim/padim_surfaces.yaml"), *QUIET,
-            "--data.init_args.root", str(root), "--data.init_args.image_size", "64",
+            "--data.init_args.source.root", str(root), "--data.init_args.image_size", "64",
             "--data.init_args.resize_size", "null", "--model.init_args.num_features", "12",
             "--model.init_args.blur_sigma", "2.0", "--run.root", str(runs)]
 
@@ -99,7 +99,7 @@ def gmm_pretrain_args(root: Path, runs: Path, context: dict) -> list[str]:
 
 def densehybrid_args(root: Path, runs: Path, context: dict) -> list[str]:
     return [*config("trainer/default.yaml"), *config("densehybrid/surfaces.yaml"), *QUIET,
-            "--data.init_args.root", str(root), "--data.init_args.category", "brick",
+            "--data.init_args.source.root", str(root), "--data.init_args.source.category", "brick",
             "--data.init_args.image_size", "32", "--model.init_args.negatives.size", "24",
             "--model.init_args.negatives.segmentation", "slic", "--model.init_args.negatives.patch_size", "16",
             "--model.init_args.decoder_channels", "16", "--trainer.limit_val_batches", "1", "--run.root", str(runs)]

@@ -23,14 +23,14 @@ TOY = ["--model", "tests.toy.ToyDetector", "--data", "tests.toy.ToyDataModule", 
 
 def padim(root: Path, category: str = "brick") -> list[str]:
     return ["--config", str(REPO / "configs/padim/padim_surfaces.yaml"), *QUIET, "--run.wandb", "false",
-            "--data.init_args.root", str(root), "--data.init_args.category", category,
+            "--data.init_args.source.root", str(root), "--data.init_args.source.category", category,
             "--data.init_args.image_size", "32", "--data.init_args.resize_size", "null",
             "--model.init_args.num_features", "8"]
 
 
 def dann(root: Path, mode: str) -> list[str]:
     return ["--config", str(REPO / f"configs/dann/surfaces_{mode}.yaml"), *QUIET, "--run.wandb", "false",
-            "--data.init_args.root", str(root), "--data.init_args.category", "brick",
+            "--data.init_args.source.root", str(root), "--data.init_args.source.category", "brick",
             "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", "--trainer.callbacks", "[]"]
 
 
@@ -106,7 +106,8 @@ def test_a_missing_root_is_the_first_line_on_stderr(tmp_path):
     missing = tmp_path / "missing"
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "--config", "configs/padim/padim_surfaces.yaml",
-         "--data.init_args.dataset", "mvtec", "--data.init_args.root", str(missing), "--run.root", str(tmp_path),
+         "--data.init_args.source.dataset", "mvtec", "--data.init_args.source.root", str(missing),
+         "--run.root", str(tmp_path),
          "--run.wandb", "false"], cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1
@@ -119,8 +120,9 @@ def test_a_missing_root_is_the_first_line_on_stderr(tmp_path):
 def test_a_missing_category_is_the_error_raised(make_mvtec, tmp_path):
     root = make_mvtec(categories=("bottle",), train=1, test_good=1, defects={"crack": 1})
     with pytest.raises(ConfigError, match=r"^FileNotFoundError: mvtec category 'carpet' not found"):
-        main(["fit", *TOY, "--data", "datamodules.OneClassDataModule", "--data.init_args.dataset", "mvtec",
-              "--data.init_args.root", str(root), "--data.init_args.category", "carpet", "--run.root", str(tmp_path)])
+        main(["fit", *TOY, "--data", "datamodules.OneClassDataModule", "--data.init_args.source.dataset", "mvtec",
+              "--data.init_args.source.root", str(root), "--data.init_args.source.category", "carpet",
+              "--run.root", str(tmp_path)])
 
 
 def wandb_processes() -> list[str]:
@@ -151,8 +153,8 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
     root = make_folder_tree(tmp_path / "mvtec", categories=("bottle",), train=0)  # no train/good: fails in setup
     runs = tmp_path / "runs"
     with pytest.raises(FileNotFoundError, match="train/good"):
-        main(["fit", *TOY, "--data", "datamodules.OneClassDataModule", "--data.init_args.dataset", "mvtec",
-              "--data.init_args.root", str(root), "--data.init_args.category", "bottle",
+        main(["fit", *TOY, "--data", "datamodules.OneClassDataModule", "--data.init_args.source.dataset", "mvtec",
+              "--data.init_args.source.root", str(root), "--data.init_args.source.category", "bottle",
               "--data.init_args.image_size", "16", "--run.root", str(runs)])
     assert not list(runs.glob("*/*/*")), list(runs.rglob("*"))
     assert wandb_processes() == []

@@ -35,7 +35,8 @@ def tiny_inputs(batch: int, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def source_args(surfaces_root, run_root, steps=2, extra=()):
-    return ["--config", str(REPO / "configs/csflow/source_surfaces.yaml"), "--data.init_args.root", str(surfaces_root),
+    return ["--config", str(REPO / "configs/csflow/source_surfaces.yaml"),
+            "--data.init_args.source.root", str(surfaces_root),
             "--data.init_args.image_size", "64", "--model.init_args.image_size", "64",
             "--model.init_args.hidden_channels", "8", "--data.init_args.batch_size", "4",
             "--trainer.max_steps", str(steps), "--trainer.check_val_every_n_epoch", "1",
@@ -43,7 +44,7 @@ def source_args(surfaces_root, run_root, steps=2, extra=()):
 
 
 def adapt_args(surfaces_root, run_root, source_ckpt, steps=2, extra=()):
-    return ["--config", str(REPO / "configs/csflow/adapt_gray.yaml"), "--data.init_args.root", str(surfaces_root),
+    return ["--config", str(REPO / "configs/csflow/adapt_gray.yaml"), "--data.init_args.source.root", str(surfaces_root),
             "--data.init_args.image_size", "64", "--model.init_args.source_checkpoint", str(source_ckpt),
             "--trainer.max_steps", str(steps), "--run.root", str(run_root), *QUIET, *extra]
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from cli import main
-from datamodules import PairedDomainDataModule
+from datamodules import Domain, PairedDomainDataModule
 from lightning_modules.adda import ADDA
 from lightning_modules.components.discriminator import DomainDiscriminator, domain_loss
 from lightning_modules.components.gradient_reversal import (
@@ -28,8 +28,9 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def cli_args(surfaces_root, run_root, mode="dann", category="grass", epochs=1, extra=()):
-    return ["--config", str(REPO / f"configs/dann/surfaces_{mode}.yaml"), "--data.init_args.root", str(surfaces_root),
-            "--data.init_args.category", category, "--data.init_args.image_size", "32",
+    return ["--config", str(REPO / f"configs/dann/surfaces_{mode}.yaml"),
+            "--data.init_args.source.root", str(surfaces_root),
+            "--data.init_args.source.category", category, "--data.init_args.image_size", "32",
             "--data.init_args.batch_size", "4", "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
             "--trainer.log_every_n_steps", "1", "--run.root", str(run_root), *QUIET, *extra]
 
@@ -191,7 +192,8 @@ class SnapshotSourceAtAdversarialStart(Callback):
 
 def test_adda_leaves_the_source_encoder_and_head_bitwise_unchanged(surfaces_root, tmp_path):
     module = tiny_adda()
-    data = PairedDomainDataModule(root=str(surfaces_root), category="grass", image_size=32, batch_size=4)
+    data = PairedDomainDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root), category="grass",
+                                                shift="gray"), image_size=32, batch_size=4)
     snapshot = SnapshotSourceAtAdversarialStart()
     tiny_trainer(tmp_path, max_epochs=3, callbacks=[snapshot]).fit(module, datamodule=data)
     model = module.model
@@ -206,7 +208,8 @@ def test_adda_leaves_the_source_encoder_and_head_bitwise_unchanged(surfaces_root
 
 def test_adda_discriminator_sees_both_domains_in_every_pass(surfaces_root, tmp_path):
     module = tiny_adda()
-    data = PairedDomainDataModule(root=str(surfaces_root), category="grass", image_size=32, batch_size=4)
+    data = PairedDomainDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root), category="grass",
+                                                shift="gray"), image_size=32, batch_size=4)
     seen = []
     module.model.discriminator.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
     tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(module, datamodule=data)

@@ -28,7 +28,7 @@ def test_every_protocol_has_a_surfaces_and_a_real_config():
 
 @pytest.mark.parametrize("config", SURFACES_CONFIGS, ids=lambda c: c.stem)
 def test_surfaces_configs_instantiate(config, surfaces_root):
-    dm = instantiate(config, f"--data.init_args.root={surfaces_root}")
+    dm = instantiate(config, f"--data.init_args.source.root={surfaces_root}")
     assert type(dm).__name__ in datamodules.__all__
     assert dm.run_tag.startswith("surfaces-") and dm.describe()["dataset"] == "surfaces"
 

@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from datamodules import LODODataModule
+from datamodules import Domain, LODODataModule
 from datamodules.surfaces import SURFACES_CATEGORIES
 
 DOMAINS = ["brick", "grass", "wood"]
 
 
-def make(root, **kwargs):
+def make(root, dataset="surfaces", **kwargs):
     kwargs = {"image_size": 32, "batch_size": 4, "num_references": 3, **kwargs}
-    dm = LODODataModule(root=str(root), **kwargs)
+    dm = LODODataModule(source=Domain(dataset=dataset, root=str(root)), **kwargs)
     dm.setup("fit")
     return dm
 
@@ -55,25 +55,26 @@ def test_test_and_references_come_only_from_the_held_out_domain(surfaces_root):
 
 
 def test_default_domains_are_every_surfaces_category(surfaces_root):
-    dm = LODODataModule(root=str(surfaces_root), held_out="woven")
+    dm = LODODataModule(source=Domain(dataset="surfaces", root=str(surfaces_root)), held_out="woven")
     assert dm.domains == list(SURFACES_CATEGORIES) and "woven" not in dm.source_domains
 
 
 def test_cross_dataset_held_out(mvtec_root, btad_root):
     dm = make(mvtec_root, dataset="mvtec", domains=["bottle", "carpet", "01"], held_out="01",
-              held_out_dataset="btad", held_out_root=str(btad_root))
+              target=Domain(dataset="btad", root=str(btad_root)))
     assert {s.domain for s in dm.test_dataset.samples} == {"01"}
     assert all(p.endswith(".bmp") for p in (s.image_path for s in dm.test_dataset.samples))
     assert dm.run_tag == "mvtec-to-btad-lodo-01-ref100"
 
 
 def test_bad_lodo_arguments(surfaces_root, tmp_path):
+    source = Domain(dataset="surfaces", root=str(surfaces_root))
     with pytest.raises(ValueError, match="held_out='tile' is not in domains \\['brick', 'grass', 'wood'\\]"):
-        LODODataModule(root=str(surfaces_root), domains=DOMAINS, held_out="tile")
+        LODODataModule(source=source, domains=DOMAINS, held_out="tile")
     with pytest.raises(ValueError, match="reference_fraction must be in \\[0.1, 1.0\\], got 0.05"):
-        LODODataModule(root=str(surfaces_root), domains=DOMAINS, held_out="wood", reference_fraction=0.05)
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", reference_fraction=0.05)
     with pytest.raises(ValueError, match="num_references=20 needs at least 21"):
         make(surfaces_root, domains=DOMAINS, held_out="wood", num_references=20)
-    with pytest.raises(FileNotFoundError, match="btad root .*missing.* does not exist"):
-        LODODataModule(dataset="surfaces", root=str(surfaces_root), domains=["brick", "01"], held_out="01",
-                       held_out_dataset="btad", held_out_root=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="target domain \\(btad at .*missing.*\\): btad root .* does not exist"):
+        LODODataModule(source=source, domains=["brick", "01"], held_out="01",
+                       target=Domain(dataset="btad", root=str(tmp_path / "missing")))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from datamodules import OneClassDataModule
+from datamodules import Domain, OneClassDataModule
 from datamodules.shifts import Shift
 
 SAMPLE_KEYS = {"image", "label", "mask", "has_mask", "defect_type", "domain", "domain_index", "path"}
@@ -11,15 +11,18 @@ def paths(dataset):
     return {dataset[i]["path"] for i in range(len(dataset))}
 
 
-def make(root, **kwargs):
-    dm = OneClassDataModule(root=str(root), image_size=32, batch_size=4, **kwargs)
+def make(root, category="brick", dataset="surfaces", source_shift=None, target_shift=None, target=None, **kwargs):
+    """A set-up OneClassDataModule on ``root``; ``target`` (a Domain) replaces the ``target_shift`` one."""
+    source = Domain(dataset=dataset, root=str(root), category=category, shift=source_shift)
+    dm = OneClassDataModule(source=source, target=target or Domain(shift=target_shift), image_size=32, batch_size=4,
+                            **kwargs)
     dm.setup("fit")
     return dm
 
 
 def test_batches_follow_the_contract(surfaces_root):
     dm = make(surfaces_root, category="grass", source_shift="gray", target_shift="brg")
-    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), *dm.test_dataloader()):
         batch = next(iter(loader))
         size = min(4, len(loader.dataset))
         assert set(batch) == SAMPLE_KEYS
@@ -28,7 +31,7 @@ def test_batches_follow_the_contract(surfaces_root):
         assert batch["has_mask"].dtype == torch.bool and batch["domain"] == ["grass"] * size
     train = next(iter(dm.train_dataloader()))
     assert (train["label"] == 0).all() and torch.equal(train["image"][:, 0], train["image"][:, 1])  # gray source
-    labels = torch.cat([b["label"] for b in dm.test_dataloader()])
+    labels = torch.cat([b["label"] for b in dm.test_dataloader()[0]])
     assert set(labels.tolist()) == {0, 1}
 
 
@@ -88,14 +91,16 @@ def test_too_many_shots(surfaces_root):
 
 
 def test_bad_arguments_fail_at_construction(surfaces_root):
-    with pytest.raises(ValueError, match="unknown shift 'sepia'"):
-        OneClassDataModule(root=str(surfaces_root), target_shift="sepia")
+    source = Domain(dataset="surfaces", root=str(surfaces_root), category="brick")
+    with pytest.raises(ValueError, match="target.shift: unknown shift 'sepia'"):
+        OneClassDataModule(source=source, target=Domain(shift="sepia"))
     with pytest.raises(ValueError, match="train_on='target_shots' needs target_shots"):
-        OneClassDataModule(root=str(surfaces_root), train_on="target_shots")
+        OneClassDataModule(source=source, train_on="target_shots")
     with pytest.raises(ValueError, match="fold must be in"):
-        OneClassDataModule(root=str(surfaces_root), target_shots=1, fold=5)
-    with pytest.raises(ValueError, match="unknown surfaces category \\['marble'\\]"):
-        OneClassDataModule(root=str(surfaces_root.parent / "unbuilt"), category="marble")
+        OneClassDataModule(source=source, target_shots=1, fold=5)
+    with pytest.raises(ValueError, match="source: unknown surfaces category \\['marble'\\]"):
+        OneClassDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root.parent / "unbuilt"),
+                                         category="marble"))
 
 
 @pytest.mark.parametrize(("dataset", "fixture", "category"), [("mvtec", "mvtec_root", "carpet"),
@@ -110,6 +115,6 @@ def test_real_dataset_layouts_load(request, dataset, fixture, category):
 
 def test_missing_real_root_fails_at_construction(tmp_path):
     with pytest.raises(FileNotFoundError, match="visa root .*absent.* does not exist; expected <root>/split_csv"):
-        OneClassDataModule(dataset="visa", root=str(tmp_path / "absent"), category="candle")
-    with pytest.raises(ValueError, match="dataset='mvtec' needs root="):
-        OneClassDataModule(dataset="mvtec", category="bottle")
+        OneClassDataModule(source=Domain(dataset="visa", root=str(tmp_path / "absent"), category="candle"))
+    with pytest.raises(ValueError, match="source.dataset='mvtec' needs source.root="):
+        OneClassDataModule(source=Domain(dataset="mvtec", category="bottle"))

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import PairedDomainDataModule
+from datamodules import Domain, PairedDomainDataModule
+
+
+def gray_grass(root) -> Domain:
+    return Domain(dataset="surfaces", root=str(root), category="grass", shift="gray")
 
 
 def make(root, **kwargs):
-    dm = PairedDomainDataModule(root=str(root), category="grass", image_size=32, batch_size=4, **kwargs)
+    dm = PairedDomainDataModule(source=gray_grass(root), image_size=32, batch_size=4, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -53,7 +57,7 @@ def test_val_and_test_dataloader_order(surfaces_root):
 
 def test_batch_larger_than_train_split(surfaces_root):
     with pytest.raises(ValueError, match="train split of 'grass' has 15 images, fewer than batch_size=64"):
-        PairedDomainDataModule(root=str(surfaces_root), category="grass", batch_size=64).setup("fit")
+        PairedDomainDataModule(source=gray_grass(surfaces_root), batch_size=64).setup("fit")
 
 
 def test_square_symmetries_are_the_eight_distinct_ones():

@@ -36,7 +36,7 @@ def all_modules(model: torch.nn.Module) -> set[str]:
 
 def cli_args(root: Path, tmp_path: Path, category: str = "brick", steps: int = 3, extra: tuple = ()) -> list[str]:
     return ["--config", "configs/trainer/default.yaml", "--config", "configs/densehybrid/surfaces.yaml",
-            "--data.init_args.root", str(root), "--data.init_args.category", category,
+            "--data.init_args.source.root", str(root), "--data.init_args.source.category", category,
             "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
             "--model.init_args.negatives.size", "24", "--model.init_args.negatives.segmentation", "slic",
             "--model.init_args.negatives.patch_size", "16", "--model.init_args.decoder_channels", "16",
@@ -156,10 +156,11 @@ def test_loss_terms_follow_equation_one():
 
 
 def test_score_is_higher_on_pasted_regions_after_a_short_fit(surfaces_root):
-    from datamodules import OneClassDataModule
+    from datamodules import Domain, OneClassDataModule
 
     torch.manual_seed(0)
-    data = OneClassDataModule(root=str(surfaces_root), category="woven", image_size=64, batch_size=8)
+    data = OneClassDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root), category="woven"),
+                              image_size=64, batch_size=8)
     data.setup()
     model = DenseHybridAD(freeze="backbone", decoder_channels=32, negatives=SMALL_BANK)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -193,7 +194,7 @@ def test_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
 
 
 def test_primary_task_category_in_bf16_mixed(surfaces_root, tmp_path):
-    extra = ("--data.init_args.category", "[brick, woven]", "--model.init_args.primary_task", "category",
+    extra = ("--data.init_args.source.category", "[brick, woven]", "--model.init_args.primary_task", "category",
              "--model.init_args.num_classes", "2", "--model.init_args.paste_shape", "mixed",
              "--trainer.precision", "bf16-mixed")
     main(["fit", *cli_args(surfaces_root, tmp_path, extra=extra), "--trainer.log_every_n_steps", "1",

@@ -207,7 +207,7 @@ def test_pretrain_under_bf16_resumes_and_feeds_padim_through_the_cli(tmp_path, s
                                resumed["state_dict"]["model.network.conv_stem.weight"])
     padim = main(["fit", "--config", str(REPO / "configs/trainer/default.yaml"),
           "--config", str(REPO / "configs/padim/padim_surfaces.yaml"), *QUIET, "--run.root", str(runs),
-          "--data.init_args.root", str(surfaces_root), "--data.init_args.image_size", "64",
+          "--data.init_args.source.root", str(surfaces_root), "--data.init_args.image_size", "64",
           "--data.init_args.resize_size", "null", "--data.init_args.batch_size", "4",
           "--model.init_args.num_features", "20", "--model.init_args.backbone.weights", str(backbone),
           "--run.test_after_fit", "true"])

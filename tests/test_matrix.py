@@ -195,7 +195,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(case, targ
 BAD_ARGS = {
     "unknown method": (["--model", "NoSuchMethod"], "NoSuchMethod"),
     "unknown backbone": (["--model.init_args.backbone.name", "resnet_typo"], "resnet_typo"),
-    "unknown shift": (["--data.init_args.target_shift", "sepia"], "sepia"),
+    "unknown shift": (["--data.init_args.target.shift", "sepia"], "sepia"),
     "config key typo": (["--model.init_args.bn_polcy", "joint"], "bn_polcy"),
 }
 

@@ -30,7 +30,7 @@ FAST = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"
 
 
 def fast_args(surfaces_root: Path, tmp_path: Path, steps: int = 2) -> list[str]:
-    return ["--config", CONFIG, *FAST, "--data.init_args.root", str(surfaces_root), "--run.root", str(tmp_path),
+    return ["--config", CONFIG, *FAST, "--data.init_args.source.root", str(surfaces_root), "--run.root", str(tmp_path),
             "--trainer.max_steps", str(steps)]
 
 
@@ -191,7 +191,7 @@ def test_reference_bank_holds_every_patch_and_grows_with_the_reference_fraction(
     monkeypatch.setattr(MetaComparerModel, "reference_bank", recording)
     for fraction in ("0.25", "1.0"):
         main(["test", "--config", CONFIG, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-              "--run.wandb", "false", "--run.root", str(tmp_path), "--data.init_args.root", str(surfaces_root),
+              "--run.wandb", "false", "--run.root", str(tmp_path), "--data.init_args.source.root", str(surfaces_root),
               "--data.init_args.domains", "[brick, wood]", "--data.init_args.held_out", "wood",
               "--data.init_args.reference_fraction", fraction, "--trainer.limit_test_batches", "1"])
     (few, few_bank), (all_refs, all_bank) = banks
@@ -279,7 +279,7 @@ def test_aggregate_and_knn_baselines_through_the_cli(surfaces_root, tmp_path):
     assert "test/target/image_auroc" in json.loads((run_dir / "results.json").read_text())["metrics"]
 
     main(["test", "--config", str(REPO / "configs" / "meta_comparer" / "surfaces_knn.yaml"),
-          "--data.init_args.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
+          "--data.init_args.source.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
           "--data.init_args.image_size", "64", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
           "false", "--run.wandb", "false", "--run.root", str(tmp_path)])
     knn = json.loads((tmp_path / "knn_patch" / "surfaces-lodo-wood-ref100" / "version_0" / "results.json").read_text())
@@ -288,7 +288,7 @@ def test_aggregate_and_knn_baselines_through_the_cli(surfaces_root, tmp_path):
 
 def test_padim_baseline_is_fitted_on_exactly_the_references(surfaces_root, tmp_path):
     cli = main(["test", "--config", str(REPO / "configs" / "meta_comparer" / "surfaces_padim.yaml"),
-                "--data.init_args.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
+                "--data.init_args.source.root", str(surfaces_root), "--data.init_args.domains", "[brick, grass, wood]",
                 "--data.init_args.image_size", "64", "--data.init_args.reference_fraction", "0.5",
                 "--model.init_args.num_features", "24", "--trainer.accelerator", "cpu",
                 "--trainer.enable_progress_bar", "false", "--run.wandb", "false", "--run.root", str(tmp_path)])

@@ -112,7 +112,7 @@ def test_damaged_statistics_are_caught_on_load_or_when_finalised(how, problem):
 def padim_args(root: Path, runs: Path) -> list[str]:
     return ["--config", str(REPO / "configs/trainer/default.yaml"), "--config",
             str(REPO / "configs/padim/padim_surfaces.yaml"), *QUIET, "--run.root", str(runs),
-            "--data.init_args.root", str(root), "--data.init_args.image_size", "64",
+            "--data.init_args.source.root", str(root), "--data.init_args.image_size", "64",
             "--data.init_args.resize_size", "null", "--data.init_args.batch_size", "4",
             "--model.init_args.num_features", "12", "--model.init_args.blur_sigma", "2.0"]
 
