@@ -108,7 +108,10 @@ class ResolvedDomain:
             return self.dataset
         return f"{self.dataset}_{self.root.name}"
 
-    def where(self) -> str:
+    def where(self, message: str = "") -> str:
+        """The domain's role, with its dataset and folder unless ``message`` names the folder already."""
+        if str(self.root) in message:
+            return f"{self.role} domain"
         return f"{self.role} domain ({self.dataset} at {str(self.root)!r})"
 
     @contextmanager
@@ -117,7 +120,7 @@ class ResolvedDomain:
         try:
             yield
         except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"{self.where()}: {error}") from error
+            raise type(error)(f"{self.where(str(error))}: {error}") from error
 
     def read(self, category: str) -> CategorySamples:
         with self.naming():

@@ -112,14 +112,14 @@ def test_a_missing_root_is_the_first_line_on_stderr(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.splitlines()[0] == (
-        f"error: FileNotFoundError: mvtec root {str(missing)!r} does not exist; expected <root>/<category>/train/good/*, "
-        "test/<good|defect>/* and optionally ground_truth/<defect>/<stem>_mask.*"
+        f"error: FileNotFoundError: source domain: mvtec root {str(missing)!r} does not exist; expected "
+        "<root>/<category>/train/good/*, test/<good|defect>/* and optionally ground_truth/<defect>/<stem>_mask.*"
     ), result.stderr[:2000]
 
 
 def test_a_missing_category_is_the_error_raised(make_mvtec, tmp_path):
     root = make_mvtec(categories=("bottle",), train=1, test_good=1, defects={"crack": 1})
-    with pytest.raises(ConfigError, match=r"^FileNotFoundError: mvtec category 'carpet' not found"):
+    with pytest.raises(ConfigError, match=r"^FileNotFoundError: source domain: mvtec category 'carpet' not found"):
         main(["fit", *TOY, "--data", "datamodules.OneClassDataModule", "--data.init_args.source.dataset", "mvtec",
               "--data.init_args.source.root", str(root), "--data.init_args.source.category", "carpet",
               "--run.root", str(tmp_path)])
