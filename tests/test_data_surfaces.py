@@ -4,7 +4,6 @@ import json
 import cv2
 import pytest
 
-from benchmarks.probe_surfaces import main as probe_main
 from datamodules.preview import main as preview_main
 from datamodules.readers import read_category
 from datamodules.surfaces import (
@@ -76,10 +75,3 @@ def test_preview_writes_a_grid(surfaces_root, tmp_path):
     grid = cv2.imread(str(out))
     assert grid.shape[0] > 6 * 32 and grid.shape[1] > 3 * 32
 
-
-def test_probe_runs_end_to_end_on_a_tiny_build(surfaces_root, tmp_path):
-    probe_main(["--root", str(surfaces_root), "--out", str(tmp_path / "probe"), "--categories", "wood",
-                "--shifts", "gray", "--image-size", "64"])
-    report = json.loads((tmp_path / "probe.json").read_text())
-    assert set(report["per_category"]["wood"]) == {"none", "gray"} and "mean_drop" in report
-    assert "| wood |" in (tmp_path / "probe.md").read_text()
