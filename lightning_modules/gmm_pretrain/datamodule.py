@@ -9,7 +9,6 @@ rendered on the device by the model (``render_defects``), batched.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,9 +17,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import categories_tag, resolve_root, safe_tag
+from datamodules.base import categories_tag, safe_tag
 from datamodules.dataset import read_image
-from datamodules.readers import read_category
+from datamodules.domain import Domain, resolve_source
 from datamodules.sampling import resumable_loader
 from datamodules.surfaces import PHOTOS_OUTSIDE_SURFACES, skimage_photo
 from lightning_modules.components.gmm_defects import num_outputs, sample_gmm_params
@@ -44,11 +43,11 @@ class NormalPool:
             return
         if not categories:
             raise ValueError(f"pool={pool!r} needs categories=[...] whose train normals form the pool")
-        folder = resolve_root(pool, root)
-        self.paths = [s.image_path for c in categories for s in read_category(pool, Path(folder), c).train]
+        domain = resolve_source(Domain(dataset=pool, root=root, category=list(categories)), role="pool")
+        self.paths = [s.image_path for c in domain.categories for s in domain.read(c).train]
         self.photos = []
         if not self.paths:
-            raise ValueError(f"pool={pool!r} categories {list(categories)} under {folder} hold no train images")
+            raise ValueError(f"pool={pool!r} categories {list(categories)} under {domain.root} hold no train images")
 
     def __len__(self) -> int:
         return len(self.photos) or len(self.paths)
