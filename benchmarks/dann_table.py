@@ -40,7 +40,7 @@ from benchmarks.runner import (  # noqa: E402
 from datamodules.surfaces import SURFACES_CATEGORIES  # noqa: E402
 
 MODES = ("source_only", "adabn", "dann", "adda")
-DIRECTIONS = {"gray_to_rgb": ("gray", "null"), "rgb_to_gray": ("null", "gray")}
+DIRECTIONS = {"gray_to_rgb": ("gray", "none"), "rgb_to_gray": ("none", "gray")}
 # AdaBN records measured before this are re-measured: first statistics from the shuffled, augmented training
 # loader, then per-batch variances averaged (momentum=None) instead of each layer's exact input moments.
 ADABN_STATISTICS = "target train split, dataset order, not augmented, exact moments layer by layer"

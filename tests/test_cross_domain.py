@@ -1,0 +1,154 @@
+"""benchmarks/cross_domain.py: its arguments, the gap-recovered arithmetic, the table, resume, and one real run."""
+
+import json
+
+import pytest
+
+from benchmarks import cross_domain
+from benchmarks.cross_domain import Domain, gap_recovered, jobs_of, parse_args, table
+from tests.conftest import make_folder_tree
+
+SWEEP = {"source": "surfaces:brick", "target": "surfaces_line_b:brick", "image_size": None, "scale": 1.0,
+         "max_steps": None, "seed": 0, "gmm_backbone": None}
+
+
+def parse_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_embedded_names_and_folders_parse_to_domains(tmp_path):
+    make_folder_tree(tmp_path / "lineB", categories=("pcb",))
+    args = parse_args(["--source", "surfaces:brick", "--target", f"{tmp_path / 'lineB'}:pcb", "--dataset", "mvtec",
+                       "--out", str(tmp_path / "out")])
+    assert args.source_domain == Domain("surfaces", None, "brick")
+    assert args.target_domain == Domain("mvtec", tmp_path / "lineB", "pcb")
+    assert args.target_domain.data_args("target") == [
+        "--data.init_args.target.dataset", "mvtec", "--data.init_args.target.root", str(tmp_path / "lineB"),
+        "--data.init_args.target.category", "pcb", "--data.init_args.target.shift", "none"]
+    assert args.run_root == tmp_path / "out" / "runs"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("surfaces", "--source 'surfaces': expected ROOT:CATEGORY"),
+    ("surfaces:", "--source 'surfaces:': expected ROOT:CATEGORY"),
+    ("surfaces:pcb", "surfaces has no category 'pcb'; expected one of brick"),
+])
+def test_a_bad_root_category_is_refused_by_name(capsys, tmp_path, source, expected):
+    err = parse_error(capsys, ["--source", source, "--target", "surfaces_line_b:brick", "--out", str(tmp_path)])
+    assert expected in err
+
+
+def test_a_missing_folder_or_category_folder_is_named(capsys, tmp_path):
+    missing = tmp_path / "lineB"
+    err = parse_error(capsys, ["--source", "surfaces:brick", "--target", f"{missing}:pcb", "--out", str(tmp_path)])
+    assert f"the target folder {missing} does not exist" in err
+    make_folder_tree(missing, categories=("bottle",))
+    err = parse_error(capsys, ["--source", "surfaces:brick", "--target", f"{missing}:pcb", "--out", str(tmp_path)])
+    assert f"no category folder {missing / 'pcb'} in the target root" in err
+
+
+def test_unknown_method_and_gmm_padim_without_its_backbone_are_refused(capsys, tmp_path):
+    pair = ["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path)]
+    assert "invalid choice: 'patchcore'" in parse_error(capsys, [*pair, "--methods", "patchcore"])
+    assert "gmm_padim needs --gmm-backbone" in parse_error(capsys, [*pair, "--methods", "gmm_padim"])
+    assert "--folds 6: expected 1 to 5" in parse_error(capsys, [*pair, "--folds", "6"])
+
+
+def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_only_from_two_shots(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
+                       "--methods", "padim", "csflow", "--shots", "1", "5", "--folds", "2"])
+    keys = [job.key for job in jobs_of(args)]
+    assert keys[:2] == ["padim/source_only", "padim/target_full"]
+    assert keys[2:7] == ["padim/source_plus_k/k1/f0", "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0",
+                         "padim/source_plus_k/k1/f1", "padim/k_only/k5/f1"]
+    assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
+    assert keys[-6:] == ["csflow/source_only", "csflow/target_full", "csflow/adapted/k1/f0", "csflow/adapted/k5/f0",
+                         "csflow/adapted/k1/f1", "csflow/adapted/k5/f1"]
+
+
+def test_gap_recovered_is_the_share_of_the_source_to_target_gap():
+    assert gap_recovered(0.7, 0.6, 0.9) == "+0.33"
+    assert gap_recovered(0.5, 0.6, 0.9) == "-0.33"
+    assert gap_recovered(0.9, 0.6, 0.9) == "+1.00"
+    assert gap_recovered(0.7, 0.6, 0.605) == "n/a (target-full − source-only = +0.005)"
+    assert gap_recovered(0.7, 0.6, 0.5) == "n/a (target-full − source-only = -0.100)"
+    assert gap_recovered(None, 0.6, 0.9) == "—"
+
+
+def record(method: str, setting: str, value: float, k: int | None = None, fold: int | None = None,
+           **metrics: float) -> dict:
+    metric = "target/auroc" if method == "dann" else "target/image_auroc"
+    return {"method": method, "setting": setting, "k": k, "fold": fold, metric: value, **metrics,
+            "seconds": 10.0, "cpu_seconds": 8.0, "sweep": SWEEP}
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    cells = [line.strip("|").split(" | ") for line in markdown.splitlines()
+             if line.startswith("| ") and not line.startswith("| ---")][1:]
+    return {" ".join(c.strip() for c in cell[:3]): [c.strip() for c in cell[3:]] for cell in cells}
+
+
+def test_table_averages_folds_and_reports_the_gap_per_method_and_k():
+    records = [record("padim", "source_only", 0.6, **{"source/image_auroc": 0.95, "target/pixel_auroc": 0.7}),
+               record("padim", "target_full", 0.9),
+               record("padim", "source_plus_k", 0.7, 5, 0), record("padim", "source_plus_k", 0.8, 5, 1),
+               record("dann", "source_only", 0.5), record("dann", "target_full", 0.505),
+               record("dann", "dann", 0.6, **{"target/accuracy": 0.75})]
+    table_rows = rows(table(records))
+    assert table_rows["padim source_only —"] == ["0.600 (n=1)", "0.700 (n=1)", "—", "—", "0.950 (n=1)", "—", "10", "8"]
+    assert table_rows["padim source_plus_k 5"][0] == "0.750 ± 0.071 (n=2)"
+    assert table_rows["padim source_plus_k 5"][5] == "+0.50"  # (0.75 - 0.6) / (0.9 - 0.6)
+    assert table_rows["dann dann —"][3] == "0.750 (n=1)"
+    assert table_rows["dann dann —"][5] == "n/a (target-full − source-only = +0.005)"
+    assert "surfaces:brick` → target `surfaces_line_b:brick" in table(records)
+
+
+def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(out),
+            "--methods", "densehybrid", "dann", "--settings", "source_only", "target_full"]
+    out.mkdir()
+    (out / "cross_domain.json").write_text(json.dumps({"records": [record("densehybrid", "source_only", 0.6)]}))
+    calls = []
+
+    def fake_run_job(job, args, records):
+        calls.append(job.key)
+        if job.key == "dann/source_only":
+            raise RuntimeError("dann/source_only failed")
+        return record(job.method, job.setting, 0.8)
+
+    monkeypatch.setattr(cross_domain, "run_job", fake_run_job)
+    with pytest.raises(SystemExit, match=r"1 job\(s\) failed \(dann/source_only\)"):
+        cross_domain.main(argv)
+    assert calls == ["densehybrid/target_full", "dann/source_only", "dann/target_full"]
+    ledger = json.loads((out / "cross_domain.json").read_text())["records"]
+    assert sorted(cross_domain.job_key(r) for r in ledger) == [
+        "dann/target_full", "densehybrid/source_only", "densehybrid/target_full"]
+    calls.clear()
+    with pytest.raises(SystemExit, match="1 job"):
+        cross_domain.main(argv)
+    assert calls == ["dann/source_only"]  # only what has no record yet
+    with pytest.raises(SystemExit, match="holds jobs of other settings"):
+        cross_domain.main([*argv, "--image-size", "64"])
+
+
+def test_two_user_folders_end_to_end(tmp_path):
+    """Three real cli.py jobs of PaDiM at 32 px: source-only, source + 1 target shot, full target."""
+    make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
+    make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
+    out = tmp_path / "out"
+    cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
+                       "--dataset", "folder", "--methods", "padim", "--settings", "source_only", "source_plus_k",
+                       "target_full", "--shots", "1", "--folds", "1", "--image-size", "32", "--out", str(out)])
+    records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    assert sorted(records) == ["padim/source_only", "padim/source_plus_k/k1/f0", "padim/target_full"]
+    for record_ in records.values():
+        assert 0 <= record_["target/image_auroc"] <= 1 and 0 <= record_["source/image_auroc"] <= 1
+        assert "target/pixel_auroc" not in record_  # line B has no ground_truth/
+        assert "source/pixel_auroc" in record_
+        assert record_["seconds"] > 0 and record_["cpu_seconds"] > 0
+    assert "--data.init_args.train_on source+target_shots" in records["padim/source_plus_k/k1/f0"]["command"]
+    assert "padim | source_plus_k | 1 |" in (out / "cross_domain.md").read_text()
