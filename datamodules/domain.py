@@ -40,8 +40,16 @@ class Domain:
     shift: str | None = None
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        # jsonargparse (4.53) passes `--data.init_args.source.shift null` as the string "None" in a DataModule's
+        # nested dataclass; no dataset, folder, category, shift or name is called that.
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) == "None":
+                object.__setattr__(self, field.name, None)
+
 
 DomainArg = Domain | dict | None
+DOMAIN_KEYS = {field.name for field in dataclasses.fields(Domain)}
 #: a target that sets nothing: the source's images without a shift
 UNSET = Domain()
 
@@ -53,7 +61,7 @@ def as_domain(value: DomainArg) -> Domain:
     if isinstance(value, Domain):
         return value
     if isinstance(value, dict):
-        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(Domain)})
+        unknown = sorted(set(value) - DOMAIN_KEYS)
         if unknown:
             raise ValueError(f"unknown domain key(s) {unknown}; a domain has dataset, root, category, shift, name")
         return Domain(**value)
@@ -61,10 +69,10 @@ def as_domain(value: DomainArg) -> Domain:
 
 
 def plain(value):
-    """``value`` with every ``Domain`` turned into a dict: checkpoints store plain hyperparameters, loadable with
-    ``torch.load(weights_only=True)``."""
-    if isinstance(value, Domain):
-        return dataclasses.asdict(value)
+    """``value`` with every ``Domain`` (or a dict of one, as LightningCLI hands them over) turned into a clean dict:
+    checkpoints store plain hyperparameters, loadable with ``torch.load(weights_only=True)``."""
+    if isinstance(value, Domain) or (isinstance(value, dict) and value and set(value) <= DOMAIN_KEYS):
+        return dataclasses.asdict(as_domain(value))
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value

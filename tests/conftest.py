@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,13 @@ def make_visa_tree(root: Path, objects=("candle", "pcb1"), train: int = 8, test_
 @pytest.fixture(scope="session")
 def surfaces_root(tmp_path_factory) -> Path:
     return ensure_surfaces(tmp_path_factory.mktemp("surfaces") / "tiny", TINY_SURFACES)
+
+
+@pytest.fixture(scope="session")
+def surfaces_line_b_root(tmp_path_factory) -> Path:
+    """A tiny build of the second production line (``surfaces_line_b``): other images of the same materials."""
+    spec = dataclasses.replace(TINY_SURFACES, line="b")
+    return ensure_surfaces(tmp_path_factory.mktemp("surfaces_line_b") / "tiny_b", spec)
 
 
 @pytest.fixture(scope="session")
