@@ -1,6 +1,7 @@
-"""Write a PNG grid of the surfaces dataset: one row per category, one column per shift.
+"""Write a PNG grid of an embedded dataset: one row per category, one column per shift.
 
     python -m datamodules.preview --out docs/surfaces_preview.png
+    python -m datamodules.preview --dataset surfaces_line_b --out docs/surfaces_line_b_preview.png
 
 Each cell is a defective test image (the defect type changes from row to row) as the model receives it
 under that shift, with its ground-truth mask outlined in yellow.
@@ -17,7 +18,13 @@ import numpy as np
 from datamodules.dataset import AnomalyDataset
 from datamodules.readers import read_category
 from datamodules.shifts import SHIFT_NAMES, Shift
-from datamodules.surfaces import DEFECT_TYPES, SURFACES_CATEGORIES, default_surfaces_root, ensure_surfaces
+from datamodules.surfaces import (
+    DEFECT_TYPES,
+    EMBEDDED_DATASETS,
+    SURFACES_CATEGORIES,
+    default_embedded_root,
+    ensure_embedded,
+)
 
 OUTLINE_RGB = (255, 230, 0)
 LABEL_HEIGHT = 18
@@ -40,13 +47,13 @@ def _label(text: str, width: int, height: int) -> np.ndarray:
     return canvas
 
 
-def preview_grid(root: Path, shifts: list[str], image_size: int) -> np.ndarray:
+def preview_grid(root: Path, shifts: list[str], image_size: int, dataset: str = "surfaces") -> np.ndarray:
     """RGB uint8 grid: a header row of shift names, then one row per category of the build at ``root``."""
     categories = [c for c in SURFACES_CATEGORIES if (root / c).is_dir()]
     rows = [np.concatenate([_label("", LABEL_WIDTH, LABEL_HEIGHT)]
                            + [_label(shift, image_size, LABEL_HEIGHT) for shift in shifts], 1)]
     for row, category in enumerate(categories):
-        test = read_category("surfaces", root, category).test
+        test = read_category(dataset, root, category).test
         kind = DEFECT_TYPES[row % len(DEFECT_TYPES)]
         index = next(i for i, s in enumerate(test) if s.defect_type == kind)
         cells = [_cell(AnomalyDataset(test, [category], Shift(shift), image_size), index) for shift in shifts]
@@ -55,14 +62,16 @@ def preview_grid(root: Path, shifts: list[str], image_size: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description="PNG grid of surfaces categories x domain shifts")
+    parser = argparse.ArgumentParser(description="PNG grid of an embedded dataset's categories x domain shifts")
     parser.add_argument("--out", default="docs/surfaces_preview.png", help="PNG file to write")
-    parser.add_argument("--root", default=None, help="surfaces folder (default: the default build in the cache)")
+    parser.add_argument("--dataset", default="surfaces", choices=EMBEDDED_DATASETS)
+    parser.add_argument("--root", default=None, help="its folder (default: the default build in the cache)")
     parser.add_argument("--shifts", nargs="+", default=list(SHIFT_NAMES))
     parser.add_argument("--image-size", type=int, default=100)
     args = parser.parse_args(argv)
-    root = ensure_surfaces(Path(args.root) if args.root else default_surfaces_root())
-    grid = preview_grid(root, args.shifts, args.image_size)
+    root = Path(args.root) if args.root else default_embedded_root(args.dataset)
+    ensure_embedded(args.dataset, root)
+    grid = preview_grid(root, args.shifts, args.image_size, args.dataset)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9]):

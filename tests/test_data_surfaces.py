@@ -69,9 +69,11 @@ def test_spec_rejects_unknown_categories():
         SurfacesSpec(categories=("marble",))
 
 
-def test_preview_writes_a_grid(surfaces_root, tmp_path):
-    out = preview_main(["--root", str(surfaces_root), "--out", str(tmp_path / "grid.png"), "--image-size", "32",
-                        "--shifts", "none", "gray", "fda"])
+@pytest.mark.parametrize(("dataset", "fixture"), [("surfaces", "surfaces_root"),
+                                                  ("surfaces_line_b", "surfaces_line_b_root")])
+def test_preview_writes_a_grid(request, dataset, fixture, tmp_path):
+    out = preview_main(["--dataset", dataset, "--root", str(request.getfixturevalue(fixture)),
+                        "--out", str(tmp_path / "grid.png"), "--image-size", "32", "--shifts", "none", "gray", "fda"])
     grid = cv2.imread(str(out))
     assert grid.shape[0] > 6 * 32 and grid.shape[1] > 3 * 32
 
