@@ -142,9 +142,6 @@ class ResolvedDomain:
             if unknown:
                 raise ValueError(f"{self.role}: unknown {self.dataset} category {unknown}; "
                                  f"valid: {', '.join(SURFACES_CATEGORIES)}")
-            if self.root.is_dir() and any(self.root.iterdir()):
-                raise ValueError(f"{self.where()}: the folder is not empty but holds no {self.dataset} build; for "
-                                 f"your own images set {self.role}.dataset: folder (MVTec AD layout)")
             return
         with self.naming():
             if self.root.is_dir() and not any(self.root.iterdir()):
@@ -176,13 +173,21 @@ def _root(dataset: str, root: str | None, role: str) -> Path:
                      f"{', '.join(EMBEDDED_DATASETS)} are built on demand")
 
 
-def _dataset(dataset: str | None, role: str) -> str:
+def _dataset(dataset: str | None, role: str, root: str | None = None) -> str:
+    """The checked dataset name; an embedded dataset given a folder of other images (``source.root:
+    /data/lineA`` with the default ``dataset: surfaces``) reads that folder as ``folder``, the same layout."""
     if dataset is None:
         raise ValueError(f"{role}.dataset is not set; expected one of {', '.join(DATASETS)}")
     try:
         check_dataset_name(dataset)
     except ValueError as error:
         raise ValueError(f"{role}.dataset: {error}") from error
+    if dataset in EMBEDDED_DATASETS and root is not None:
+        folder = Path(root).expanduser()
+        if folder.is_dir() and any(folder.iterdir()) and not is_built(folder):
+            rank_zero_info(f"{role}: {str(folder)!r} holds no {dataset} build; it is read as dataset 'folder' "
+                           "(MVTec AD layout)")
+            return "folder"
     return dataset
 
 
@@ -196,7 +201,7 @@ def _shift(shift: str | None, role: str) -> str:
 def resolve_source(source: DomainArg, role: str = "source", needs_category: bool = True) -> ResolvedDomain:
     """The source domain, everything given (``category`` may be unset where ``needs_category`` is False)."""
     domain = as_domain(source)
-    dataset = _dataset(domain.dataset, role)
+    dataset = _dataset(domain.dataset, role, domain.root)
     if domain.category is None and needs_category:
         raise ValueError(f"{role}.category is not set; give the category (or a list of categories)")
     categories = () if domain.category is None else _categories(domain.category, role)
@@ -208,7 +213,7 @@ def resolve_target(target: DomainArg, base: ResolvedDomain, role: str = "target"
     """``target`` with ``dataset``, ``category`` and (same dataset only) ``root`` taken from ``base`` where
     unset; its ``shift`` is its own (unset is no shift)."""
     domain = as_domain(target)
-    dataset = _dataset(domain.dataset or base.dataset, role)
+    dataset = _dataset(domain.dataset or base.dataset, role, domain.root)
     if domain.root is not None:
         root = Path(domain.root).expanduser()
     elif dataset == base.dataset:

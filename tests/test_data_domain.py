@@ -54,6 +54,18 @@ def test_target_inherits_dataset_root_and_category_but_never_the_shift(tmp_path)
     assert resolve_target(Domain(root=str(tmp_path / "a" / ".." / "a")), source).same_images_as(source)
 
 
+def test_a_user_folder_given_to_an_embedded_dataset_is_read_as_a_folder(surfaces_root, tmp_path):
+    """The issue's command: the DANN config's surfaces source, a target root and category, no target.dataset."""
+    user_folder = make_folder_tree(tmp_path / "line_b", categories=("pcb",))
+    dm = PairedDomainDataModule(source=line_a(surfaces_root, "grass", shift="gray"),
+                                target=Domain(root=str(user_folder), category="pcb"), image_size=32, batch_size=4)
+    assert (dm.source.dataset, dm.target.dataset, dm.target.root) == ("surfaces", "folder", user_folder)
+    dm.setup("fit")
+    assert under(user_folder, dm.target_train) and dm.run_tag == "surfaces-grass-gray-to-folder-pcb-none-da"
+    source = Domain(dataset="surfaces", root=str(user_folder), category="pcb")
+    assert OneClassDataModule(source=source).source.dataset == "folder"
+
+
 def test_root_is_inherited_only_within_the_same_dataset(tmp_path):
     source = resolve_source(Domain(dataset="surfaces", root=str(tmp_path / "line_a"), category="brick"))
     target = resolve_target(Domain(dataset="surfaces_line_b"), source)
@@ -292,9 +304,5 @@ def test_bad_domain_values(surfaces_root, tmp_path):
         OneClassDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root)))
     with pytest.raises(ValueError, match="^source: needs exactly one category, got \\['brick', 'grass'\\]"):
         PairedDomainDataModule(source=line_a(surfaces_root, ["brick", "grass"]))
-    user_folder = tmp_path / "line_a"
-    make_folder_tree(user_folder, categories=("brick",))
-    with pytest.raises(ValueError, match="holds no surfaces build; for your own images set source.dataset: folder"):
-        OneClassDataModule(source=Domain(dataset="surfaces", root=str(user_folder), category="brick"))
     with pytest.raises(ValueError, match="LODO takes its domains from domains=\\[...\\], not source.category"):
         LODODataModule(source=line_a(surfaces_root))
