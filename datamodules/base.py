@@ -16,7 +16,7 @@ from datamodules.readers import Sample
 from datamodules.sampling import resumable_loader
 from datamodules.shifts import Shift
 from datamodules.splits import rng_for
-from datamodules.surfaces import ensure_embedded, is_built
+from datamodules.surfaces import ensure_embedded
 
 Description = dict[str, str | int | float | None]
 
@@ -85,7 +85,7 @@ class ShiftADDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         for domain in self.domains_read():
-            if domain.embedded and not is_built(domain.root):
+            if domain.embedded:  # builds it if absent; a build of the other line there is an error
                 with domain.naming():
                     ensure_embedded(domain.dataset, domain.root)
 

@@ -18,7 +18,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.readers import DATASETS, CategorySamples, check_categories, check_dataset_name, read_category
 from datamodules.shifts import check_shift_name
-from datamodules.surfaces import EMBEDDED_DATASETS, SURFACES_CATEGORIES, default_embedded_root, is_built
+from datamodules.surfaces import (
+    EMBEDDED_DATASETS,
+    SURFACES_CATEGORIES,
+    default_embedded_root,
+    ensure_embedded,
+    is_built,
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,8 @@ class ResolvedDomain:
                                  f"valid: {', '.join(SURFACES_CATEGORIES)}")
             return
         with self.naming():
+            if self.embedded:
+                ensure_embedded(self.dataset, self.root)  # built: only checks that it is this dataset's line
             if self.root.is_dir() and not any(self.root.iterdir()):
                 raise FileNotFoundError(f"the folder {str(self.root)!r} is empty; expected its categories in it "
                                         f"({', '.join(self.categories)})")

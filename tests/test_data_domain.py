@@ -297,12 +297,15 @@ def test_the_same_images_without_a_shift_warn_only_when_a_target_is_given(surfac
         OneClassDataModule(source=line_a(surfaces_root))  # one domain: nothing to say
 
 
-def test_bad_domain_values(surfaces_root, tmp_path):
+def test_bad_domain_values(surfaces_root, surfaces_line_b_root, tmp_path):
     with pytest.raises(ValueError, match="^target.dataset: unknown dataset 'mvtecad'"):
         OneClassDataModule(source=line_a(surfaces_root), target=Domain(dataset="mvtecad", root=str(tmp_path)))
     with pytest.raises(ValueError, match="^source.category is not set"):
         OneClassDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root)))
     with pytest.raises(ValueError, match="^source: needs exactly one category, got \\['brick', 'grass'\\]"):
         PairedDomainDataModule(source=line_a(surfaces_root, ["brick", "grass"]))
+    with pytest.raises(ValueError, match="^target domain: dataset='surfaces' expects a build of surfaces line 'a' but "
+                                         f"'{surfaces_line_b_root}' holds line 'b'"):
+        OneClassDataModule(source=line_a(surfaces_root), target=Domain(root=str(surfaces_line_b_root)))
     with pytest.raises(ValueError, match="LODO takes its domains from domains=\\[...\\], not source.category"):
         LODODataModule(source=line_a(surfaces_root))
