@@ -17,18 +17,11 @@ from datamodules.surfaces import (
     SurfacesSpec,
     default_embedded_root,
     ensure_embedded,
-    ensure_surfaces,
 )
 from tests.conftest import TINY_SURFACES
 
-TINY_LINE_B = dataclasses.replace(TINY_SURFACES, line="b")
 # The default spec's digest names the cache folder of every published surfaces number.
 PUBLISHED_SURFACES_DIGEST = "b40db9204a49"
-
-
-@pytest.fixture(scope="module")
-def line_b_root(tmp_path_factory):
-    return ensure_surfaces(tmp_path_factory.mktemp("surfaces_line_b") / "tiny_b", TINY_LINE_B)
 
 
 def _gray(path: str) -> np.ndarray:
@@ -40,13 +33,14 @@ def _detail(image: np.ndarray) -> np.ndarray:
     return image - cv2.GaussianBlur(image, (0, 0), 4)
 
 
-def test_line_b_has_the_layout_categories_and_split_sizes_of_its_spec(line_b_root):
-    assert json.loads((line_b_root / MARKER).read_text())["spec"]["line"] == "b"
+def test_line_b_has_the_layout_categories_and_split_sizes_of_its_spec(surfaces_line_b_root):
+    spec = json.loads((surfaces_line_b_root / MARKER).read_text())["spec"]
+    assert spec == {**dataclasses.asdict(TINY_SURFACES), "categories": list(SURFACES_CATEGORIES), "line": "b"}
     check_dataset_name("surfaces_line_b")
     for category in SURFACES_CATEGORIES:
-        samples = read_category("surfaces_line_b", line_b_root, category)
-        assert len(samples.train) == TINY_LINE_B.train_good
-        assert sum(s.label == 0 for s in samples.test) == TINY_LINE_B.test_good
+        samples = read_category("surfaces_line_b", surfaces_line_b_root, category)
+        assert len(samples.train) == spec["train_good"]
+        assert sum(s.label == 0 for s in samples.test) == spec["test_good"]
         defects = [s for s in samples.test if s.label == 1]
         assert sorted(s.defect_type for s in defects) == sorted(DEFECT_TYPES)
         for sample in defects:
@@ -54,12 +48,12 @@ def test_line_b_has_the_layout_categories_and_split_sizes_of_its_spec(line_b_roo
             assert mask.shape == (64, 64) and 0.002 <= (mask > 0).mean() <= 0.15, sample.mask_path
 
 
-def test_line_b_images_are_not_a_function_of_line_a_images(surfaces_root, line_b_root):
+def test_line_b_images_are_not_a_function_of_line_a_images(surfaces_root, surfaces_line_b_root):
     # Line a's image at the same index, blurred like line b's optics, shares no texture detail with the
     # line-b image: other surface content, not line a under another camera.
     for category in SURFACES_CATEGORIES:
         line_a = read_category("surfaces", surfaces_root, category).train
-        line_b = read_category("surfaces_line_b", line_b_root, category).train
+        line_b = read_category("surfaces_line_b", surfaces_line_b_root, category).train
         for a, b in zip(line_a[:3], line_b[:3], strict=True):
             blurred_a = _detail(cv2.GaussianBlur(_gray(a.image_path), (0, 0), 64 / 256))
             correlation = np.corrcoef(blurred_a.ravel(), _detail(_gray(b.image_path)).ravel())[0, 1]
@@ -83,16 +77,16 @@ def test_unknown_line_and_dataset_are_clear_errors():
         default_embedded_root("mvtec")
 
 
-def test_ensure_embedded_refuses_a_build_of_the_other_line(surfaces_root, line_b_root):
+def test_ensure_embedded_refuses_a_build_of_the_other_line(surfaces_root, surfaces_line_b_root):
     ensure_embedded("surfaces", surfaces_root)  # already built: nothing to do
-    ensure_embedded("surfaces_line_b", line_b_root)
+    ensure_embedded("surfaces_line_b", surfaces_line_b_root)
     with pytest.raises(ValueError, match="dataset='surfaces_line_b' expects a build of surfaces line 'b' but "
                                          f"'{surfaces_root}' holds line 'a'"):
         ensure_embedded("surfaces_line_b", surfaces_root)
 
 
-def test_probe_runs_end_to_end_on_tiny_builds(surfaces_root, line_b_root, tmp_path):
-    probe_main(["--root", str(surfaces_root), "--target-root", str(line_b_root), "--out", str(tmp_path / "probe"),
+def test_probe_runs_end_to_end_on_tiny_builds(surfaces_root, surfaces_line_b_root, tmp_path):
+    probe_main(["--root", str(surfaces_root), "--target-root", str(surfaces_line_b_root), "--out", str(tmp_path / "probe"),
                 "--categories", "wood", "--shifts", "gray", "--image-size", "64"])
     report = json.loads((tmp_path / "probe.json").read_text())
     assert set(report["per_category"]["wood"]) == {"none", "gray", "source->target", "target->target"}
