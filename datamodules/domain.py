@@ -63,7 +63,7 @@ UNSET = Domain()
 def as_domain(value: DomainArg) -> Domain:
     """A ``Domain`` from itself, a plain dict (checkpoint hyperparameters, Python calls) or ``None``."""
     if value is None:
-        return Domain()
+        return UNSET
     if isinstance(value, Domain):
         return value
     if isinstance(value, dict):

@@ -98,6 +98,14 @@ def test_domain_keys_parse_from_the_command_line_and_yaml(surfaces_root, surface
                                                                         surfaces_line_b_root)
     assert pair.run_tag == "surfaces-brick-none-to-surfaces_line_b-brick-none-da"
 
+    lodo = instantiate_data(REPO / "configs/data/lodo_surfaces.yaml", f"--data.init_args.source.root={surfaces_root}",
+                            "--data.init_args.domains", f"[brick, grass, {{dataset: surfaces_line_b, root: "
+                            f"{surfaces_line_b_root}, category: wood, name: wood_b}}]",
+                            "--data.init_args.held_out", "wood_b")
+    assert lodo.domains == ["brick", "grass", "wood_b"] and lodo.target.root == surfaces_line_b_root
+    assert lodo.hparams["domains"][2] == {"dataset": "surfaces_line_b", "root": str(surfaces_line_b_root),
+                                          "category": "wood", "shift": None, "name": "wood_b"}
+
 
 # ------------------------------------------------------------------------------------------------ two folders
 
