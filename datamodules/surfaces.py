@@ -12,8 +12,9 @@ two-folder domain pair):
 - ``surfaces`` (line ``a``): the images above, with a mild exposure and noise variation.
 - ``surfaces_line_b`` (line ``b``): other images of the same materials (other seeds, hence other crops of
   the photographs and other generator draws) seen by another camera that sees more of the surface
-  (``LINE_B_FIELD_OF_VIEW``: finer weave, grain, chips and photo texture) under another light: optical
-  blur, signal-dependent sensor noise, an illumination gradient with vignetting and a warmer white balance.
+  (``LINE_B_FIELD_OF_VIEW``: finer weave, grain, chips and photo texture) under another light: a warmer
+  white balance, a side-light gradient and an off-centre lamp spot, another tone curve, optical blur and
+  signal-dependent sensor noise.
   The defects are painted on the surface before the camera sees them. No line-B image is a function of a
   line-A image.
 
@@ -55,19 +56,24 @@ PHOTO_PALETTES = {
     "grass": ((0.05, 0.20, 0.04), (0.62, 0.88, 0.30)),
     "gravel": ((0.14, 0.16, 0.26), (0.86, 0.82, 0.70)),
 }
-# Line b: the camera sees 1.3 times more of the surface (side); warmer light (RGB gains) from the upper left
-# (radians from +x, image y down), falling off by +-LINE_B_LIGHT_GRADIENT per image side and
-# LINE_B_VIGNETTING towards the corners; Gaussian blur sigma in pixels at 256 px; noise std
-# sqrt(read^2 + shot^2 * intensity).
+# Line b: the camera sees 1.3 times more of the surface (side); a warmer light (RGB gains) from the upper
+# left (radians from +x, image y down) rising by LINE_B_LIGHT_GRADIENT per image side, a lamp whose bright
+# spot falls on the part off-centre by up to LINE_B_SPOT_OFFSET of the side (parts are not centred) and
+# darkens by LINE_B_SPOT_FALLOFF at half a side from it; the camera's tone curve (gamma), optical blur
+# (Gaussian sigma in pixels at 256 px) and sensor noise of std sqrt(read^2 + shot^2 * intensity).
+# LINE_B_VERSION is in line b's digest: bump it when line b's output changes (line a's digest stays).
+LINE_B_VERSION = 2
 LINE_B_SEED_ENTRY = 11
 LINE_B_FIELD_OF_VIEW = 1.3
-LINE_B_WHITE_BALANCE = (1.08, 1.0, 0.86)
+LINE_B_WHITE_BALANCE = (1.12, 1.0, 0.80)
 LINE_B_LIGHT_ANGLE = -2.4
 LINE_B_LIGHT_GRADIENT = 0.3
-LINE_B_VIGNETTING = 0.2
-LINE_B_BLUR = 1.0
+LINE_B_SPOT_OFFSET = 0.3
+LINE_B_SPOT_FALLOFF = 0.35
+LINE_B_GAMMA = 0.8
+LINE_B_BLUR = 1.2
 LINE_B_READ_NOISE = 0.01
-LINE_B_SHOT_NOISE = 0.025
+LINE_B_SHOT_NOISE = 0.03
 TERRAZZO_CHIP_COLOURS = ((0.62, 0.22, 0.12), (0.20, 0.25, 0.36), (0.93, 0.88, 0.74), (0.10, 0.10, 0.10),
                          (0.35, 0.50, 0.35))
 # scikit-image photographs of objects and scenes that no category is cut from (the photo categories use
@@ -117,6 +123,8 @@ class SurfacesSpec:
         fields = dataclasses.asdict(self)
         if self.line == "a":
             del fields["line"]  # line a's digest predates the field: its caches and results stay valid
+        else:
+            fields["line_b_version"] = LINE_B_VERSION
         payload = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
@@ -246,17 +254,19 @@ def _surface(category: str, rng: np.random.Generator, size: int, field_of_view: 
 
 
 def _line_b_camera(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Line b's light and camera: white balance and exposure, a side light with vignetting, optical blur,
-    then signal-dependent sensor noise."""
+    """Line b's light and camera: white balance and exposure, a side light and an off-centre lamp spot, the
+    tone curve, optical blur, then signal-dependent sensor noise."""
     size = image.shape[0]
-    gains = np.array(LINE_B_WHITE_BALANCE, np.float32) * rng.uniform(0.95, 1.05)
+    gains = np.array(LINE_B_WHITE_BALANCE, np.float32) * rng.uniform(0.92, 1.08)
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size - 0.5
     angle = LINE_B_LIGHT_ANGLE + rng.normal(0.0, 0.2)
     ramp = xx * np.cos(angle) + yy * np.sin(angle)  # -0.71 .. 0.71 across the image
-    light = (1 + LINE_B_LIGHT_GRADIENT * ramp) * (1 - LINE_B_VIGNETTING * 2 * (xx ** 2 + yy ** 2))
-    image = image * gains * light[..., None]
+    spot_x, spot_y = rng.uniform(-LINE_B_SPOT_OFFSET, LINE_B_SPOT_OFFSET, 2)
+    spot = 1 - LINE_B_SPOT_FALLOFF * 4 * ((xx - spot_x) ** 2 + (yy - spot_y) ** 2)
+    light = (1 + LINE_B_LIGHT_GRADIENT * ramp) * np.clip(spot, 0.2, None)
+    image = np.clip(image * gains * light[..., None], 0.0, 1.0) ** LINE_B_GAMMA
     image = cv2.GaussianBlur(image, (0, 0), LINE_B_BLUR * size / 256)
-    noise_std = np.sqrt(LINE_B_READ_NOISE ** 2 + LINE_B_SHOT_NOISE ** 2 * np.clip(image, 0.0, None))
+    noise_std = np.sqrt(LINE_B_READ_NOISE ** 2 + LINE_B_SHOT_NOISE ** 2 * image)
     image = image + noise_std * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
