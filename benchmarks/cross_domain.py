@@ -55,7 +55,7 @@ from benchmarks.runner import (  # noqa: E402
     run_cli,
     tested_checkpoint,
 )
-from datamodules.surfaces import EMBEDDED_DATASETS, SURFACES_CATEGORIES  # noqa: E402
+from datamodules.surfaces import EMBEDDED_DATASETS, SURFACES_CATEGORIES, default_embedded_root  # noqa: E402
 
 FOLDER_DATASETS = ("folder", "mvtec", "visa", "btad")
 CONFIGS = REPO / "configs"
@@ -69,6 +69,7 @@ SETTINGS = {
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
 }
 SHOT_SETTINGS = ("k_only", "source_plus_k", "adapted")
+BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
 DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
@@ -184,19 +185,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_of(args: argparse.Namespace) -> dict:
-    """What makes two sweeps' records comparable; a ledger of other settings is refused."""
-    return {"source": str(args.source_domain), "target": str(args.target_domain), "image_size": args.image_size,
+    """What makes two sweeps' records comparable; a ledger of other settings is refused. An embedded dataset
+    counts by its build folder (named by its spec's digest), so a ledger of an older build is refused too."""
+    return {"source": str(args.source_domain), "target": str(args.target_domain),
+            "builds": [str(default_embedded_root(d.dataset)) for d in (args.source_domain, args.target_domain)
+                       if d.root is None],
+            "image_size": args.image_size,
             "scale": args.scale, "max_steps": args.max_steps, "seed": args.seed,
             "gmm_backbone": str(args.gmm_backbone) if args.gmm_backbone else None}
 
 
 def jobs_of(args: argparse.Namespace) -> list[Job]:
-    """Every job in run order: per method its no-shot settings, then the shot settings fold-major (a sweep cut
-    short has whole folds)."""
+    """Every job in run order: per method the two bounds (source-only, target-full), its other settings without
+    shots, then the shot settings fold-major (a sweep cut short has the gap and whole folds)."""
     jobs = []
     for method in args.methods:
         settings = [s for s in SETTINGS[method] if args.settings is None or s in args.settings]
-        jobs += [Job(method, s) for s in settings if s not in SHOT_SETTINGS]
+        bounds_first = sorted(settings, key=lambda s: s not in BOUNDS)
+        jobs += [Job(method, s) for s in bounds_first if s not in SHOT_SETTINGS]
         jobs += [Job(method, s, k, fold) for fold in range(args.folds) for k in args.shots
                  for s in settings if s in SHOT_SETTINGS and k >= MIN_SHOTS.get((method, s), 1)]
     return jobs

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import cross_domain
-from benchmarks.cross_domain import Domain, gap_recovered, jobs_of, parse_args, table
+from benchmarks.cross_domain import Domain, gap_recovered, jobs_of, parse_args, settings_of, table
 from tests.conftest import make_folder_tree
 
 SWEEP = {"source": "surfaces:brick", "target": "surfaces_line_b:brick", "image_size": None, "scale": 1.0,
@@ -67,6 +67,9 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
     assert keys[-6:] == ["csflow/source_only", "csflow/target_full", "csflow/adapted/k1/f0", "csflow/adapted/k5/f0",
                          "csflow/adapted/k1/f1", "csflow/adapted/k5/f1"]
+    args.methods = ["dann"]  # the two bounds first: a sweep cut short still has the gap
+    assert [job.key for job in jobs_of(args)] == ["dann/source_only", "dann/target_full", "dann/adabn", "dann/dann",
+                                                  "dann/adda"]
 
 
 def test_gap_recovered_is_the_share_of_the_source_to_target_gap():
@@ -110,15 +113,17 @@ def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_p
     out = tmp_path / "out"
     argv = ["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(out),
             "--methods", "densehybrid", "dann", "--settings", "source_only", "target_full"]
+    sweep = settings_of(parse_args(argv))
     out.mkdir()
-    (out / "cross_domain.json").write_text(json.dumps({"records": [record("densehybrid", "source_only", 0.6)]}))
+    done = {**record("densehybrid", "source_only", 0.6), "sweep": sweep}
+    (out / "cross_domain.json").write_text(json.dumps({"records": [done]}))
     calls = []
 
     def fake_run_job(job, args, records):
         calls.append(job.key)
         if job.key == "dann/source_only":
             raise RuntimeError("dann/source_only failed")
-        return record(job.method, job.setting, 0.8)
+        return {**record(job.method, job.setting, 0.8), "sweep": settings_of(args)}
 
     monkeypatch.setattr(cross_domain, "run_job", fake_run_job)
     with pytest.raises(SystemExit, match=r"1 job\(s\) failed \(dann/source_only\)"):
@@ -133,6 +138,11 @@ def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_p
     assert calls == ["dann/source_only"]  # only what has no record yet
     with pytest.raises(SystemExit, match="holds jobs of other settings"):
         cross_domain.main([*argv, "--image-size", "64"])
+    # Another build of an embedded dataset (its spec changed) is other data too.
+    monkeypatch.setattr(cross_domain, "default_embedded_root", lambda dataset: tmp_path / "cache" / dataset / "new")
+    with pytest.raises(SystemExit, match="holds jobs of other settings"):
+        cross_domain.main(argv)
+    assert calls == ["dann/source_only"]
 
 
 def test_two_user_folders_end_to_end(tmp_path):
