@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
 import lightning_modules  # noqa: F401  (registers the methods)
-from callbacks import AnomalyMapGrid, ResultsWriter
+from callbacks import AnomalyMapGrid, PredictionWriter, ResultsWriter
 from callbacks.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -176,7 +176,7 @@ class ShiftADCLI(LightningCLI):
                 save_config_callback=RunConfigSaver,
                 auto_configure_optimizers=False,
                 seed_everything_default=0,
-                trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid(), PreemptionCheckpoint()]},
+                trainer_defaults={"callbacks": [ResultsWriter(), AnomalyMapGrid(), PredictionWriter(), PreemptionCheckpoint()]},
                 **kwargs,
             )
         except BaseException:

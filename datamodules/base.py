@@ -8,10 +8,12 @@ import re
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.dataset import AnomalyDataset
 from datamodules.domain import DomainArg, ResolvedDomain, plain, resolve_source
+from datamodules.predict import PREDICT_PATH_KEY, PredictFiles, PredictImages, list_predict_files
 from datamodules.readers import Sample
 from datamodules.sampling import resumable_loader
 from datamodules.shifts import Shift
@@ -48,6 +50,8 @@ class ShiftADDataModule(LightningDataModule):
         seed: seed of every split and draw (validation hold-out, shots, references).
         style_reference: image file used as style photograph by the ``fda``/``histmatch``/``pda`` shifts
             instead of their default scikit-image photograph.
+        predict_path: the images ``predict`` scores (``datamodules.predict``): a folder (read recursively), an
+            image file or a glob; resized as the evaluation images, with no synthetic shift.
 
     Subclasses resolve ``self.target`` (the domain they test on) in their ``__init__``.
     """
@@ -55,7 +59,8 @@ class ShiftADDataModule(LightningDataModule):
     target: ResolvedDomain
 
     def __init__(self, source: DomainArg, image_size: int, resize_size: int | None, batch_size: int,
-                 num_workers: int, seed: int, style_reference: str | None, source_needs_category: bool = True) -> None:
+                 num_workers: int, seed: int, style_reference: str | None, source_needs_category: bool = True,
+                 predict_path: str | None = None) -> None:
         super().__init__()
         if image_size < 8 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"need image_size >= 8, batch_size >= 1, num_workers >= 0; got {image_size}, "
@@ -67,6 +72,9 @@ class ShiftADDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.style_reference = style_reference
+        # Listed now, so that a missing or empty path is a config error before any model is built.
+        self.predict_files: PredictFiles | None = (list_predict_files(predict_path) if predict_path is not None
+                                                   else None)
         self._is_set_up = False
 
     def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
@@ -131,6 +139,18 @@ class ShiftADDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The images under ``predict_path``, in batches of ``{"image", "path", "original_size"}``."""
+        if self.predict_files is None:
+            raise ValueError(f"predict needs images: set {PREDICT_PATH_KEY} to a folder, an image file or a glob "
+                             f"(--{PREDICT_PATH_KEY} /data/line_b/new)")
+        rank_zero_info(self.predict_files.describe())
+        trainer = self.trainer
+        dataset = PredictImages(self.predict_files.images, self.image_size, self.resize_size,
+                                rank=trainer.global_rank if trainer else 0,
+                                world_size=trainer.world_size if trainer else 1)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def _require_setup(self) -> None:
         if not self._is_set_up:

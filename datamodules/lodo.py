@@ -103,6 +103,7 @@ class LODODataModule(ShiftADDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the validation split, of every reference draw and of the reference fraction.
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
+        predict_path: the images ``predict`` scores: a folder (recursive), an image file or a glob.
     """
 
     test_dataloader_names = ("target",)
@@ -122,9 +123,10 @@ class LODODataModule(ShiftADDataModule):
         num_workers: int = 0,
         seed: int = 0,
         style_reference: str | None = None,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference,
-                         source_needs_category=False)
+                         source_needs_category=False, predict_path=predict_path)
         self.save_hyperparameters()
         if self.source.categories:
             raise ValueError(f"LODO takes its domains from domains=[...], not source.category "

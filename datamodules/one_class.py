@@ -56,6 +56,7 @@ class OneClassDataModule(ShiftADDataModule):
         target_shots: k, the number of target normal images per category (paper 001: 1, 5 or 10).
         fold: cross-validation fold of the shot draw, in [0, num_folds).
         num_folds: number of disjoint shot folds.
+        predict_path: the images ``predict`` scores: a folder (recursive), an image file or a glob.
     """
 
     def __init__(
@@ -73,8 +74,10 @@ class OneClassDataModule(ShiftADDataModule):
         target_shots: int | None = None,
         fold: int = 0,
         num_folds: int = 5,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference)
+        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference,
+                         predict_path=predict_path)
         self.save_hyperparameters()
         self.target = resolve_target(target, self.source)
         if train_on not in TRAIN_ON:
@@ -154,11 +157,6 @@ class OneClassDataModule(ShiftADDataModule):
         if self.source_test_dataset is not None:
             loaders.append(self._loader(self.source_test_dataset))
         return loaders
-
-    def predict_dataloader(self) -> DataLoader:
-        """The target's test split."""
-        self._require_setup()
-        return self._loader(self.test_dataset)
 
     def target_train_dataloader(self) -> DataLoader:
         """The k target normal shots under the target's shift (shuffled), for few-shot adaptation."""

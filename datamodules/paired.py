@@ -48,6 +48,7 @@ class PairedDomainDataModule(ShiftADDataModule):
         target_val: also validate on the labelled target val split (the oracle), as dataloader_idx 1.
         symmetry_augment: train on random flips and quarter-turns of the training images (both domains;
             see ``AnomalyDataset``). For textures; object categories have an orientation.
+        predict_path: the images ``predict`` scores: a folder (recursive), an image file or a glob.
     """
 
     val_dataloader_names = ("source", "target_oracle")
@@ -67,8 +68,10 @@ class PairedDomainDataModule(ShiftADDataModule):
         test_fraction: float = 0.2,
         target_val: bool = False,
         symmetry_augment: bool = False,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference)
+        super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference,
+                         predict_path=predict_path)
         self.save_hyperparameters()
         self.target = resolve_target(target, self.source)
         self.category = self.source.category
