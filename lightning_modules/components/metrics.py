@@ -1,9 +1,11 @@
 """Anomaly-detection metrics, gathered across DDP ranks by torchmetrics.
 
-torchmetrics applies a sigmoid to binary-curve inputs outside [0, 1]; large raw scores (Mahalanobis
-distances, negative log-likelihoods) then saturate and tie. Every score is therefore replaced by its
-dense rank scaled to [0, 1] before a curve is computed: the order, and so every rank metric, is
-unchanged, and nothing saturates.
+Every curve metric is computed here from the scores sorted once, highest first (:class:`ScoreRanking`):
+the ROC and precision-recall curves have one point per distinct score, exactly as scikit-learn and
+torchmetrics define them, and AUROC, AP, F1-max, FPR@95TPR and AUPRO of the same scores share the one sort.
+A pixel set holds millions of scores, so a sort per metric was most of a test's cost. Only the order of
+the scores matters: large raw scores (Mahalanobis distances, negative log-likelihoods) are never squashed
+by a sigmoid (as torchmetrics does to inputs outside [0, 1]) and never tie where they differ.
 
 Samples padded by the DistributedSampler are seen twice; the collectors drop repeated sample ids.
 """
@@ -16,19 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torchmetrics import Metric
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    binary_average_precision,
-    binary_precision_recall_curve,
-    binary_roc,
-)
 from torchmetrics.utilities import dim_zero_cat
-
-
-def rank_normalize(scores: torch.Tensor) -> torch.Tensor:
-    """Dense ranks scaled to [0, 1] in float64: ties stay ties, order is kept exactly."""
-    unique, ranks = torch.unique(scores.double(), sorted=True, return_inverse=True)
-    return ranks.double() / max(unique.numel() - 1, 1)
 
 
 def sample_ids(paths: list[str]) -> torch.Tensor:
@@ -39,31 +29,96 @@ def sample_ids(paths: list[str]) -> torch.Tensor:
     )
 
 
+class ScoreRanking:
+    """The distinct scores, highest first (the thresholds of every curve), and how many scores reach each.
+
+    numpy's vectorised sort does it; scores are never ranked again by any metric. A selected subset (the
+    positives) is sorted on its own and located among the thresholds by binary search.
+    """
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        self.scores = scores.detach().flatten().cpu().numpy()
+        ranked = np.sort(self.scores)
+        run_start = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1]]))
+        self.thresholds = ranked[run_start][::-1]
+        self.taken = (ranked.size - run_start)[::-1].astype(np.float64)
+
+    def reaching(self, selected: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Per threshold: how many ``selected`` scores reach it, or the sum of their ``weights`` (float64)."""
+        chosen = self.scores[selected]
+        if weights is None:
+            ranked = np.sort(chosen)
+            return (ranked.size - np.searchsorted(ranked, self.thresholds, side="left")).astype(np.float64)
+        order = np.argsort(chosen)
+        below = np.searchsorted(chosen[order], self.thresholds, side="left")
+        # Σ of the weights of the scores from each position up (0 past the end).
+        from_here = np.concatenate([np.cumsum(weights[selected][order][::-1])[::-1], [0.0]])
+        return from_here[below]
+
+    def curve(self, target: torch.Tensor) -> BinaryCurve:
+        true_positives = self.reaching(target.flatten().cpu().bool().numpy())
+        return BinaryCurve(true_positives, self.taken - true_positives)
+
+
+class BinaryCurve:
+    """True and false positives at each distinct threshold, from the highest down: the ROC and
+    precision-recall curves (one point per distinct score, as scikit-learn and torchmetrics draw them)
+    and every metric read from them."""
+
+    def __init__(self, true_positives: np.ndarray, false_positives: np.ndarray) -> None:
+        self.true_positives, self.false_positives = true_positives, false_positives
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR) from (0, 0) on."""
+        return (np.concatenate([[0.0], self.false_positives / self.false_positives[-1]]),
+                np.concatenate([[0.0], self.true_positives / self.true_positives[-1]]))
+
+    def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
+        tp, fp = self.true_positives, self.false_positives
+        return tp / (tp + fp), tp / tp[-1]
+
+    def auroc(self) -> float:
+        fpr, tpr = self.roc()
+        return float(np.trapezoid(tpr, fpr))
+
+    def average_precision(self) -> float:
+        """Σ (Rₖ − Rₖ₋₁) Pₖ over the thresholds, from the highest down (no interpolation)."""
+        precision, recall = self.precision_recall()
+        return float((np.diff(recall, prepend=0.0) * precision).sum())
+
+    def f1_max(self) -> float:
+        precision, recall = self.precision_recall()
+        return float((2 * precision * recall / np.maximum(precision + recall, 1e-12)).max())
+
+    def fpr_at_tpr(self, tpr_level: float = 0.95) -> float:
+        """The false-positive rate at the first threshold whose true-positive rate reaches ``tpr_level``."""
+        fpr, tpr = self.roc()
+        return float(fpr[np.argmax(tpr >= tpr_level)])
+
+
 def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
-    return float(binary_auroc(rank_normalize(scores), target.long()))
+    return ScoreRanking(scores).curve(target).auroc()
 
 
 def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
-    return float(binary_average_precision(rank_normalize(scores), target.long()))
+    return ScoreRanking(scores).curve(target).average_precision()
 
 
 def f1_max(scores: torch.Tensor, target: torch.Tensor) -> float:
-    precision, recall, _ = binary_precision_recall_curve(rank_normalize(scores), target.long())
-    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    return float(f1.max())
+    return ScoreRanking(scores).curve(target).f1_max()
 
 
 def fpr_at_tpr(scores: torch.Tensor, target: torch.Tensor, tpr_level: float = 0.95) -> float:
-    """The false-positive rate at the first threshold whose true-positive rate reaches ``tpr_level``."""
-    fpr, tpr, _ = binary_roc(rank_normalize(scores), target.long())
-    return float(fpr[torch.nonzero(tpr >= tpr_level)[0, 0]])
+    return ScoreRanking(scores).curve(target).fpr_at_tpr(tpr_level)
 
 
-def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
+def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3, ranking: ScoreRanking | None = None
+          ) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit``, divided by it (MVTec AD).
 
     Regions are 8-connected components of each ground-truth mask and weigh equally; the FPR runs
-    over all normal pixels of the set. The curve is exact: one point per distinct score.
+    over all normal pixels of the set. The curve is exact: one point per distinct score. ``ranking``: the
+    maps' :class:`ScoreRanking` when the caller has it already.
     """
     masks_np = masks.bool().cpu().numpy()
     regions = np.zeros(masks_np.shape, dtype=np.int64)
@@ -74,30 +129,22 @@ def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> fl
         num_regions += count
     if num_regions == 0:
         raise ValueError("AUPRO needs at least one anomalous region in the ground-truth masks")
-    regions_t = torch.from_numpy(regions).flatten()
-    num_normal = int((regions_t == 0).sum())
+    num_normal = int((regions == 0).sum())
     if num_normal == 0:
         raise ValueError("AUPRO needs normal pixels to measure the false-positive rate")
-    region_sizes = torch.bincount(regions_t).double()
-    scores = maps.flatten().double().cpu()
-    order = torch.argsort(scores, descending=True)
-    scores, regions_t = scores[order], regions_t[order]
-    is_normal = regions_t == 0
-    fpr = torch.cumsum(is_normal.double(), 0) / num_normal
-    overlap_step = torch.where(is_normal, 0.0, 1.0 / (region_sizes[regions_t] * num_regions))
-    pro = torch.cumsum(overlap_step, 0)
-    # One curve point per distinct threshold: the last pixel of each run of equal scores.
-    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
-    last_of_tie[:-1] = scores[1:] != scores[:-1]
-    fpr = torch.cat([torch.zeros(1, dtype=torch.double), fpr[last_of_tie]])
-    pro = torch.cat([torch.zeros(1, dtype=torch.double), pro[last_of_tie]])
-    inside = int(torch.searchsorted(fpr, torch.tensor(fpr_limit, dtype=torch.double), right=True))
+    region_sizes = np.bincount(regions.ravel())
+    ranking = ranking or ScoreRanking(maps)
+    anomalous = regions.ravel() > 0
+    overlap = 1.0 / (region_sizes[regions.ravel()] * num_regions)  # each region's pixels add up to 1 / regions
+    fpr = np.concatenate([[0.0], (ranking.taken - ranking.reaching(anomalous)) / num_normal])
+    pro = np.concatenate([[0.0], ranking.reaching(anomalous, overlap)])
+    inside = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x, y = fpr[:inside], pro[:inside]
-    if inside < fpr.numel() and x[-1] < fpr_limit:
+    if inside < fpr.size and x[-1] < fpr_limit:
         step = (fpr_limit - x[-1]) / (fpr[inside] - x[-1])
-        x = torch.cat([x, torch.tensor([fpr_limit], dtype=torch.double)])
-        y = torch.cat([y, (y[-1] + step * (pro[inside] - y[-1])).view(1)])
-    return float(torch.trapezoid(y, x) / fpr_limit)
+        x = np.append(x, fpr_limit)
+        y = np.append(y, y[-1] + step * (pro[inside] - y[-1]))
+    return float(np.trapezoid(y, x) / fpr_limit)
 
 
 class ScoreCollector(Metric):
@@ -138,27 +185,36 @@ def accuracy(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float
     return float(((probabilities >= threshold).long() == labels.long()).double().mean())
 
 
+def has_both_classes(target: torch.Tensor) -> bool:
+    """Whether binary labels hold both 0 and 1 (a linear scan: ``unique`` would sort millions of pixels)."""
+    positive = target.bool()
+    return bool(positive.any()) and not bool(positive.all())
+
+
 def image_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Image-level rank metrics; empty when only one class is present."""
-    if labels.unique().numel() < 2:
+    if not has_both_classes(labels):
         return {}
+    curve = ScoreRanking(scores).curve(labels)
     return {
-        "image_auroc": auroc(scores, labels),
-        "image_ap": average_precision(scores, labels),
-        "image_f1_max": f1_max(scores, labels),
-        "image_fpr95": fpr_at_tpr(scores, labels),
+        "image_auroc": curve.auroc(),
+        "image_ap": curve.average_precision(),
+        "image_f1_max": curve.f1_max(),
+        "image_fpr95": curve.fpr_at_tpr(),
     }
 
 
 def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> dict[str, float]:
-    """Pixel-level metrics over [N, H, W] maps and binary masks."""
-    flat_scores, flat_masks = maps.flatten(), masks.flatten()
-    if flat_masks.unique().numel() < 2:
+    """Pixel-level metrics over [N, H, W] maps and binary masks, from one sort of the pixels."""
+    flat_masks = masks.flatten()
+    if not has_both_classes(flat_masks):
         return {}
+    ranking = ScoreRanking(maps)
+    curve = ranking.curve(flat_masks)
     return {
-        "pixel_auroc": auroc(flat_scores, flat_masks),
-        "pixel_ap": average_precision(flat_scores, flat_masks),
-        "pixel_f1_max": f1_max(flat_scores, flat_masks),
-        "pixel_fpr95": fpr_at_tpr(flat_scores, flat_masks),
-        "pixel_aupro": aupro(maps, masks, fpr_limit),
+        "pixel_auroc": curve.auroc(),
+        "pixel_ap": curve.average_precision(),
+        "pixel_f1_max": curve.f1_max(),
+        "pixel_fpr95": curve.fpr_at_tpr(),
+        "pixel_aupro": aupro(maps, masks, fpr_limit, ranking),
     }

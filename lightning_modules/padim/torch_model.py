@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
+from lightning_modules.components.anomaly_map import gaussian_blur_maps
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
 
 # The statistics' shapes depend on the feature grid, known only once images arrive.
@@ -187,8 +187,7 @@ class PadimModel(nn.Module):
         distance = self.mahalanobis(self.embed(images))
         maps = F.interpolate(distance[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.blur_sigma > 0:
-            kernel = 2 * int(4 * self.blur_sigma + 0.5) + 1  # 33 for σ = 4
-            maps = gaussian_blur(maps, [kernel, kernel], [self.blur_sigma, self.blur_sigma])
+            maps = gaussian_blur_maps(maps, self.blur_sigma)
         maps = maps[:, 0]
         return maps.flatten(1).amax(dim=1), maps
 
