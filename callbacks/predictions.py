@@ -17,7 +17,7 @@ into ``predictions.csv`` and names any listed image that was not scored (unreada
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import matplotlib
@@ -27,13 +27,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 from matplotlib.colorbar import ColorbarBase  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from skimage.segmentation import mark_boundaries  # noqa: E402
+from skimage.segmentation import find_boundaries  # noqa: E402
 
 COLUMNS = ("path", "height", "width", "score", "normalised_score", "decision", "image_threshold",
            "pixel_threshold", "calibrated_on", "calibration_method", "overlay")
@@ -45,8 +44,11 @@ def _value(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(Callback):
     """``predictions.csv`` and ``overlays/`` for ``predict`` (in the trainer defaults of ``cli.py``).
+
+    A plain callback on ``on_predict_batch_end`` rather than Lightning's ``BasePredictionWriter``, which wants
+    batch indices from a sampler that the predict images (an iterable dataset) do not have.
 
     Args:
         overlays: write the overlay PNGs (the CSV is always written).
@@ -57,7 +59,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, overlays: bool = True, colormap: str = "jet", overlay_size: int = 256,
                  alpha: float = 0.45) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         if colormap not in matplotlib.colormaps:
             raise ValueError(f"PredictionWriter colormap {colormap!r} is not a matplotlib colormap")
         if not 0.0 <= alpha <= 1.0:
@@ -91,9 +93,8 @@ class PredictionWriter(BasePredictionWriter):
         with self._part(trainer).open("w", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writeheader()
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict,
-                           batch_indices: Sequence[int] | None, batch: dict, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict, batch: dict,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
         calibration = prediction["calibration"]
         rows = []
         for index, path in enumerate(prediction["path"]):
@@ -112,7 +113,7 @@ class PredictionWriter(BasePredictionWriter):
             })
             if self.overlays:
                 picture = self.overlay(prediction, index, rows[-1], calibration)
-                Image.fromarray(picture).save(self._run_dir(trainer) / overlay)
+                Image.fromarray(picture).save(self._run_dir(trainer) / overlay, compress_level=1)
         with self._part(trainer).open("a", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writerows(rows)
 
@@ -162,22 +163,23 @@ class PredictionWriter(BasePredictionWriter):
                 heat = _resized(maps[index][None, None].float(), size, "bilinear")[0, 0].numpy()
                 mask = _resized(prediction["predicted_mask"][index][None, None].float(), size, "nearest")[0, 0]
                 legend = self.legend(calibration, size[0])
-                mask = mask.numpy().astype(np.int64)
+                mask = mask.numpy().astype(bool)
             else:  # no pixel threshold: no mask, and the map on its own range, said on the bar
                 raw = raw_maps[index].float()
                 low, high = float(raw.min()), float(raw.max())
                 heat = _resized(((raw - low) / max(high - low, 1e-12))[None, None], size, "bilinear")[0, 0].numpy()
                 mask = None
                 legend = self.legend({"pixel_low": low, "pixel_high": high, "pixel_threshold": None}, size[0])
-            blended = (1 - self.alpha) * image + self.alpha * self.colormap(np.clip(heat, 0, 1))[..., :3]
+            colours = self.colormap(heat, bytes=True)[..., :3].astype(np.float32) / 255  # clips to [0, 1]
+            blended = (1 - self.alpha) * image + self.alpha * colours
+            panels = [image, blended]
             if mask is not None:
-                panels = [mark_boundaries(image, mask, color=CONTOUR_COLOUR, mode="thick"),
-                          mark_boundaries(blended, mask, color=CONTOUR_COLOUR, mode="thick")]
-            else:
-                panels = [image, blended]
+                contour = find_boundaries(mask, mode="thick")
+                for panel in panels:
+                    panel[contour] = CONTOUR_COLOUR
             panels.append(legend)
-        body = np.concatenate([(np.clip(p, 0, 1) * 255).round().astype(np.uint8) if p.dtype != np.uint8 else p
-                               for p in panels], axis=1)
+        body = np.concatenate([(p * 255 + 0.5).astype(np.uint8) if p.dtype != np.uint8 else p for p in panels],
+                              axis=1)
         return _with_header(body, _header(self.display_names[row['path']], row, calibration))
 
     def legend(self, calibration: dict, height: int) -> np.ndarray:
@@ -187,6 +189,11 @@ class PredictionWriter(BasePredictionWriter):
         if key not in self._legends:
             self._legends[key] = _colour_bar(self.colormap, low, threshold, high, height)
         return self._legends[key]
+
+
+@cache
+def _font() -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=HEADER_FONT_SIZE)
 
 
 def _relative(path: str, root: Path) -> str:
@@ -241,7 +248,7 @@ def _header(name: str, row: dict, calibration: dict) -> list[str]:
 
 def _with_header(body: np.ndarray, lines: list[str]) -> np.ndarray:
     """``body`` under its text lines, widened with white where a line is longer than the body."""
-    font = ImageFont.load_default(size=HEADER_FONT_SIZE)
+    font = _font()
     line_height = HEADER_FONT_SIZE + 4
     width = max(body.shape[1], *(int(font.getlength(line)) + 8 for line in lines))
     canvas = Image.new("RGB", (width, line_height * len(lines) + 6 + body.shape[0]), "white")
