@@ -1,8 +1,8 @@
 """PaDiM (Defard et al., 2021): a Gaussian per feature-map position, Mahalanobis distance as anomaly map.
 
 The training statistics are the float64 sums N, Σx and Σxxᵀ per position, accumulated batch by batch, so
-memory does not grow with the number of training images. The Gaussians (mean μ, and the Cholesky factor
-L of Σ + ε·I) are derived from the sums when first needed and cached.
+memory does not grow with the number of training images. The Gaussians (mean μ, and the inverse L⁻¹ of the
+Cholesky factor L of Σ + ε·I) are derived from the sums in float64 when first needed and cached.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class PadimModel(nn.Module):
         self.register_buffer("outer_sum", torch.zeros(0, dtype=torch.float64))  # Σxxᵀ [P, D, D]
         self.register_buffer("grid_shape", torch.zeros(2, dtype=torch.long))  # (h, w) of the feature map
         self.register_buffer("mean", torch.zeros(0), persistent=False)  # μ [P, D]
-        self.register_buffer("cholesky", torch.zeros(0), persistent=False)  # L, LLᵀ = Σ + εI, [P, D, D]
+        self.register_buffer("whitening", torch.zeros(0), persistent=False)  # L⁻¹, LLᵀ = Σ + εI, [P, D, D]
         self._gaussians_stale = True
         self.channel_total = total
         # Named in the errors of damaged statistics; the LightningModule sets it to the checkpoint it loads.
@@ -107,8 +107,8 @@ class PadimModel(nn.Module):
             setattr(self, name, reduce_sum(getattr(self, name)))
         self._gaussians_stale = True
 
-    def _check_grid(self, embedding: torch.Tensor) -> None:
-        fitted = tuple(self.grid_shape.tolist())
+    def _check_grid(self, embedding: torch.Tensor, fitted: tuple[int, ...] | None = None) -> None:
+        fitted = fitted or tuple(self.grid_shape.tolist())
         if tuple(embedding.shape[-2:]) != fitted:
             raise ValueError(f"PaDiM's Gaussians are for a {fitted[0]}x{fitted[1]} feature grid, but these images "
                              f"give {embedding.shape[-2]}x{embedding.shape[-1]}: use the image size of the fit")
@@ -136,7 +136,11 @@ class PadimModel(nn.Module):
             raise self._damaged(f"the covariance of {failed} of {info.numel()} positions is not positive definite "
                                 f"even with ε = {self.covariance_eps} added")
         self.mean = (self.feature_sum / self.count).float()
-        self.cholesky = cholesky.float()
+        # L⁻¹ once, in float64: scoring is then a matmul, which ONNX has (it has no triangular solve).
+        identity = torch.eye(cholesky.shape[-1], dtype=cholesky.dtype, device=cholesky.device)
+        self.whitening = torch.linalg.solve_triangular(cholesky, identity, upper=False).float()
+        # As plain ints: an exported graph (torch.export) cannot branch on a buffer's values.
+        self.gaussian_grid = tuple(self.grid_shape.tolist())
         self._gaussians_stale = False
 
     def _damaged(self, problem: str) -> DamagedStatisticsError:
@@ -174,11 +178,11 @@ class PadimModel(nn.Module):
         """Distance of each position's feature to its Gaussian: [B, D, h, w] -> [B, h, w] (float32)."""
         if self._gaussians_stale:
             self._update_gaussians()
-        self._check_grid(embedding)
+        self._check_grid(embedding, self.gaussian_grid)
         with torch.autocast(embedding.device.type, enabled=False):
             centred = embedding.flatten(2).float().permute(2, 1, 0) - self.mean[:, :, None]  # [P, D, B]
-            # ‖L⁻¹(x - μ)‖ = √((x - μ)ᵀ Σ⁻¹ (x - μ)), one triangular solve per position.
-            whitened = torch.linalg.solve_triangular(self.cholesky, centred, upper=False)
+            # ‖L⁻¹(x - μ)‖ = √((x - μ)ᵀ Σ⁻¹ (x - μ)), one matrix product per position.
+            whitened = self.whitening @ centred
             distance = whitened.square().sum(dim=1).clamp_min(0).sqrt()  # [P, B]
         return distance.T.reshape(embedding.shape[0], *embedding.shape[-2:])
 
