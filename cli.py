@@ -1,4 +1,4 @@
-"""ShiftAD command line: ``python cli.py fit|validate|test|predict --config configs/...``.
+"""ShiftAD command line: ``python cli.py fit|validate|test|predict|export --config configs/...``.
 
 Every run lands in ``<run.root>/<method>/<data tag>/<version>/`` (config, CSV metrics, W&B files,
 checkpoints, results and figures). A version folder is never reused, except by ``fit --ckpt_path
@@ -17,6 +17,11 @@ when the method lists it in ``test_time_options`` (e.g. DANN's ``mode`` source_o
 refused by name otherwise; ``fit`` from a checkpoint accepts no such change. A test of a checkpoint
 trained on other data than it is tested on goes to ``<method>/<trained tag>__on__<tested tag>/``, so it
 never sits among the runs trained on the tested data.
+
+``export --ckpt_path <file> --export.format onnx|torchscript [--export.out DIR]`` trains nothing: it loads the
+checkpoint as ``predict`` does, readies scoring and thresholds as ``predict`` does at its start, and writes
+``model.onnx``/``model.pt`` and ``model.json`` into ``--export.out`` or a new run folder
+(``lightning_modules.components.export``). It runs on the CPU, with no logger.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
@@ -54,9 +59,11 @@ from callbacks.checkpointing import (
 from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from callbacks.tracking import build_loggers, finish_wandb, wandb_loggers
 from lightning_modules.base import ShiftADModule
+from lightning_modules.components.export import FILE_NAMES, ExportSpec, export_model
 from lightning_modules.components.sync_batchnorm import TimmSyncBatchNorm
 
 RUN_DIR_ENV = "SHIFTAD_RUN_DIR"
+EXPORT = "export"
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -163,6 +170,29 @@ def _check_same_method(ckpt_path: str, stored_name: str | None, stored_path: str
     )
 
 
+class ShiftADTrainer(Trainer):
+    """Lightning's Trainer with :meth:`export`, which LightningCLI turns into the ``export`` subcommand."""
+
+    def export(self, model: ShiftADModule, datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
+               export: ExportSpec | None = None) -> Path:
+        """Export a fitted model to ONNX or TorchScript with its model.json (no training)."""
+        spec = export or ExportSpec()
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
+        model.trainer = self
+        # What predict's start needs: the DataModule set up and attached (reference banks, AdaBN statistics,
+        # thresholds fitted on its validation split when the checkpoint has none).
+        self._data_connector.attach_datamodule(model, datamodule=datamodule)
+        datamodule.setup("predict")
+        model.eval()
+        with torch.no_grad():
+            model.on_predict_start()
+        path = export_model(model, datamodule, ckpt_path, spec, Path(self.default_root_dir))
+        rank_zero_info(f"exported {type(model).__name__} from {ckpt_path} to {path} and {path.parent / 'model.json'}")
+        return path
+
+
 class ShiftADCLI(LightningCLI):
     def __init__(self, **kwargs) -> None:
         self.claimed_run_dir: Path | None = None  # a version_N this launch created
@@ -170,6 +200,7 @@ class ShiftADCLI(LightningCLI):
         try:
             super().__init__(
                 model_class=ShiftADModule,
+                trainer_class=ShiftADTrainer,
                 subclass_mode_model=True,
                 datamodule_class=LightningDataModule,
                 subclass_mode_data=True,
@@ -191,6 +222,10 @@ class ShiftADCLI(LightningCLI):
         # A folder claimed by this launch holds a checkpoint, results or a metric row only after a batch.
         if run_dir is not None and run_dir.is_dir() and not _reached_a_batch(trainer):
             shutil.rmtree(run_dir, ignore_errors=True)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), EXPORT: {"model", "datamodule"}}
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -219,6 +254,8 @@ class ShiftADCLI(LightningCLI):
         replace the config's model and every model argument)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand == EXPORT and (ckpt_path is None or not Path(ckpt_path).is_file()):
+            raise ValueError(f"export needs --ckpt_path <checkpoint file> of a fitted model, got {ckpt_path!r}")
         if ckpt_path in (None, "best", "last", "hpc", "registry"):
             return
         check_checkpoint_file(Path(ckpt_path))
@@ -309,6 +346,8 @@ class ShiftADCLI(LightningCLI):
         tag = getattr(self.datamodule, "run_tag", type(self.datamodule).__name__.lower())
         if self.subcommand != "fit" and self.checkpoint_data_tag not in (None, tag):
             tag = f"{self.checkpoint_data_tag}__on__{tag}"
+        if self.subcommand == EXPORT:
+            return self._export_trainer(method, tag)
         run_dir, resume = self._run_dir(method, tag)
         # Ranks started by Lightning's launcher inherit this, so they agree on the folder.
         os.environ[RUN_DIR_ENV] = str(run_dir)
@@ -347,6 +386,16 @@ class ShiftADCLI(LightningCLI):
         kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
 
+    def _export_trainer(self, method: str, tag: str) -> ShiftADTrainer:
+        """Export trains nothing: on the CPU, without loggers, callbacks or checkpoints; its folder is
+        ``--export.out`` or a new run folder."""
+        spec = self.config_init[EXPORT]["export"] or ExportSpec()
+        out = Path(spec.out) if spec.out else self._run_dir(method, tag)[0]
+        existing = [name for name in (*FILE_NAMES.values(), "model.json") if (out / name).exists()]
+        if existing:
+            raise FileExistsError(f"--export.out {out} already holds {', '.join(existing)}; choose another folder")
+        return ShiftADTrainer(accelerator="cpu", devices=1, logger=False, callbacks=[], enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))
 
     def after_fit(self) -> None:
         if not self.config_init[self.subcommand]["run"]["test_after_fit"]:
