@@ -37,6 +37,9 @@ class ResultsWriter(Callback):
             "checkpoint": trainer.ckpt_path,  # None: the weights in memory at the end of fit
             "metrics": metrics,
         }
+        calibration = getattr(pl_module, "calibration", None)
+        if calibration is not None:  # the decision thresholds in effect, and the domain they were fitted on
+            payload["calibration"] = calibration.summary()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
         rows = list(metrics.items())
@@ -45,3 +48,6 @@ class ResultsWriter(Callback):
         print(f"\nResults of {payload['method']} ({run_dir}):\n{table}")
         for logger in wandb_loggers(trainer.loggers):
             logger.log_table(key="results", columns=["metric", "value"], data=[list(r) for r in rows])
+            if calibration is not None:
+                logger.log_table(key="calibration", columns=["key", "value"],
+                                 data=[[key, str(value)] for key, value in payload["calibration"].items()])

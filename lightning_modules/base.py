@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterable
@@ -11,9 +12,21 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_modules.components.calibration import (
+    HeldOutScores,
+    ScoreCalibration,
+    ThresholdSpec,
+    as_threshold_spec,
+    prediction,
+    symmetry_views,
+)
 from lightning_modules.components.metrics import ScoreCollector, image_metrics, pixel_metrics, sample_ids
+
+#: ``threshold`` may change at test/predict time (its fields as the CLI flattens them, and as a whole).
+THRESHOLD_OPTIONS: dict[str, None] = {"threshold": None,
+                                      **{f"threshold.{f.name}": None for f in dataclasses.fields(ThresholdSpec)}}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -117,6 +130,17 @@ class ShiftADModule(LightningModule):
         if data_tag is not None:
             checkpoint["shiftad_data_tag"] = data_tag  # a later test on other data is filed under both tags
         checkpoint["rng_states"] = rng_states()
+        # Dataclass arguments given in Python (not through the CLI) as plain dicts: loadable with weights_only.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            # The threshold spec in effect, field by field, so that a test or predict of this checkpoint can change
+            # one field; dataclasses given in Python (not the CLI) as plain dicts, loadable with weights_only.
+            hparams = dict(hparams)
+            if "threshold" in hparams and hasattr(self, "threshold"):
+                hparams["threshold"] = self.threshold
+            checkpoint["hyper_parameters"] = {
+                key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                for key, v in hparams.items()}
 
     def test_domain_names(self) -> tuple[str, ...]:
         """The domain of each test dataloader, in order: the DataModule's ``test_dataloader_names``, else
@@ -148,16 +172,27 @@ class AnomalyDetectionModule(ShiftADModule):
     gathered across ranks and ranked before any curve is computed; metrics are ``test/<domain>/<metric>``.
     The figure keeps anomaly maps of the first dataloader (the target).
 
+    Decision thresholds (``self.calibration``, see ``components.calibration``) are fitted at the end of each
+    validation epoch from the scores a subclass's ``validation_step`` hands to :meth:`record_held_out` (held-out
+    source normals; never test images), before that epoch's checkpoint is written. At test and predict start,
+    :meth:`prepare_scoring` runs, then :meth:`ready_thresholds`.
+
     Args:
+        threshold: how the thresholds are fitted (``ThresholdSpec``: ``method`` quantile | f1_adaptive | manual,
+            ``quantile``, manual ``image_threshold``/``pixel_threshold``, ``calibrate_on`` source | target_shots).
         aupro_fpr_limit: upper FPR limit of AUPRO (0.3 is the MVTec AD definition).
         num_map_examples: how many test samples keep their anomaly maps for the figure grid.
     """
 
     #: evaluation-only arguments: a test of a checkpoint may change them freely.
-    test_time_options = {"aupro_fpr_limit": None, "num_map_examples": None}
+    test_time_options = {"aupro_fpr_limit": None, "num_map_examples": None, **THRESHOLD_OPTIONS}
 
-    def __init__(self, *args, aupro_fpr_limit: float = 0.3, num_map_examples: int = 8, **kwargs) -> None:
+    def __init__(self, *args, threshold: ThresholdSpec | None = None, aupro_fpr_limit: float = 0.3,
+                 num_map_examples: int = 8, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.threshold = as_threshold_spec(threshold)
+        self.calibration = ScoreCalibration()
+        self.held_out = HeldOutScores()
         self.aupro_fpr_limit = aupro_fpr_limit
         self.num_map_examples = num_map_examples
         # One collector per test dataloader, made at the start of each test (the DataModule sets how many).
@@ -170,6 +205,125 @@ class AnomalyDetectionModule(ShiftADModule):
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images [B, 3, H, W] in [0, 1] -> (image scores [B], anomaly maps [B, h, w] or None)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ thresholds
+
+    def record_held_out(self, batch: dict, scores: torch.Tensor, maps: torch.Tensor | None) -> None:
+        """A validation batch's scores (held-out labelled images), for this epoch's thresholds."""
+        self.held_out.update(batch, scores, maps)
+
+    def on_validation_epoch_start(self) -> None:
+        self.held_out.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        # Runs before Lightning's checkpoint callbacks save this epoch (on_validation_end / on_train_epoch_end).
+        if self.trainer.sanity_checking or self.held_out.empty:
+            return
+        self.held_out.fit(self.calibration, self.threshold, "source", "the validation split")
+        self.held_out.reset()
+        self.log_calibration("val")
+
+    def log_calibration(self, prefix: str) -> None:
+        summary = self.calibration.summary()
+        values = {f"{prefix}/{kind}_threshold": summary[f"{kind}_threshold"] for kind in ("image", "pixel")}
+        self.log_dict({key: value for key, value in values.items() if value is not None})
+
+    def prepare_scoring(self, datamodule) -> None:
+        """Whatever scoring needs from the data before the first image (reference banks); called at test and
+        predict start and by the exporter. Nothing for methods whose fit holds everything."""
+
+    def fit_thresholds_on_validation(self, datamodule) -> bool:
+        """Fits the thresholds from the DataModule's validation split; False when it has none."""
+        loaders = datamodule.val_dataloader() if hasattr(datamodule, "val_dataloader") else []
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        if not loader:
+            return False
+        self.held_out.reset()
+        with torch.no_grad():
+            for batch in loader:
+                if "image" not in batch:
+                    return False  # episodes, not images (the meta-comparer's references carry its thresholds)
+                scores, maps = self.anomaly_scores(batch["image"].to(self.device))
+                self.held_out.update(batch, scores, maps)
+        self.held_out.fit(self.calibration, self.threshold, "source", "the validation split")
+        self.held_out.reset()
+        return True
+
+    def ready_thresholds(self, datamodule, stage: str) -> None:
+        """Thresholds for ``stage`` (test or predict): the checkpoint's when they were fitted as
+        ``threshold`` asks, else refitted from the DataModule's validation split (with a warning), else, at
+        predict, an error saying what to pass. Then ``calibrate_on: target_shots`` moves them to the target."""
+        spec, calibration = self.threshold, self.calibration
+        if spec.method == "manual":
+            calibration.set_manual(spec)
+        elif not calibration.matches(spec):
+            had = "no thresholds" if not calibration.is_fitted else (
+                f"thresholds fitted by {calibration.method}"
+                + (f" q={calibration.quantile}" if calibration.quantile is not None else ""))
+            if self.fit_thresholds_on_validation(datamodule):
+                rank_zero_warn(f"{type(self).__name__}: the checkpoint has {had}; fitted {spec.method} thresholds "
+                               f"on the DataModule's validation split (held-out source normals) instead")
+            elif stage == "predict":
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint has {had} and the DataModule "
+                    f"{type(datamodule).__name__} has no validation split to fit them on; pass them: "
+                    f"--model.init_args.threshold.method manual --model.init_args.threshold.image_threshold <score> "
+                    f"[--model.init_args.threshold.pixel_threshold <map value>], or use the DataModule the model "
+                    f"was trained with")
+            else:
+                rank_zero_warn(f"{type(self).__name__}: {had} and no validation split to fit them on; the test "
+                               f"metrics do not need them, but predictions would")
+        if spec.calibrate_on == "target_shots" and spec.method == "manual":
+            rank_zero_warn("threshold.calibrate_on target_shots is ignored with method manual: manual thresholds "
+                           "are used as given")
+        elif spec.calibrate_on == "target_shots" and calibration.is_fitted and calibration.domain != "target":
+            self.calibrate_on_target_shots(datamodule)
+        if calibration.is_fitted:
+            summary = calibration.summary()
+            rank_zero_info(f"{stage} thresholds ({summary['method']}, calibrated on {summary['domain']}): image "
+                           f"{summary['image_threshold']}, pixel {summary['pixel_threshold']}")
+
+    def calibrate_on_target_shots(self, datamodule) -> None:
+        """``calibrate_on: target_shots``: shifts the thresholds to the target from the DataModule's k unlabelled
+        target normals, each under the 8 symmetries of the square (see ``ScoreCalibration.shift_to_target``).
+        Only the shots' images are read, never their labels."""
+        loader_of = getattr(datamodule, "target_train_dataloader", None)
+        if loader_of is None:
+            raise ValueError(f"model.init_args.threshold.calibrate_on target_shots needs target normal shots, but "
+                             f"{type(datamodule).__name__} has no target_train_dataloader(); use "
+                             f"datamodules.OneClassDataModule with data.init_args.target_shots k")
+        try:
+            dataset = loader_of().dataset
+        except ValueError as error:
+            raise ValueError(f"model.init_args.threshold.calibrate_on target_shots: {error} "
+                             f"(data.init_args.target_shots)") from error
+        images = torch.stack([dataset[index]["image"] for index in range(len(dataset))])
+        scores, pixels = [], []
+        with torch.no_grad():
+            for chunk in symmetry_views(images).split(16):
+                chunk_scores, maps = self.anomaly_scores(chunk.to(self.device))
+                scores.append(chunk_scores.float().cpu())
+                if maps is not None:
+                    pixels.append(maps.float().flatten().cpu())
+        self.calibration.shift_to_target(torch.cat(scores), torch.cat(pixels) if pixels else None, len(dataset))
+        rank_zero_info(f"{type(self).__name__}: thresholds moved to the target from {len(dataset)} target shots "
+                       f"x 8 views")
+
+    def on_test_start(self) -> None:
+        self.prepare_scoring(self.trainer.datamodule)
+        self.ready_thresholds(self.trainer.datamodule, "test")
+
+    def on_predict_start(self) -> None:
+        self.prepare_scoring(self.trainer.datamodule)
+        self.ready_thresholds(self.trainer.datamodule, "predict")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """The prediction of a batch of the predict contract (``image`` [B, 3, H, W] in [0, 1], ``path``):
+        raw and normalised scores and maps, the decisions and the calibration they came from."""
+        scores, maps = self.anomaly_scores(batch["image"])
+        return prediction(batch, scores, maps, self.calibration)
+
+    # ------------------------------------------------------------------------------------------ test
 
     def on_test_epoch_start(self) -> None:
         self.test_domains = self.test_domain_names()

@@ -13,8 +13,15 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.base import ShiftADModule
+from lightning_modules.base import THRESHOLD_OPTIONS, ShiftADModule
+from lightning_modules.components.calibration import (
+    ScoreCalibration,
+    ThresholdSpec,
+    as_threshold_spec,
+    prediction,
+)
 from lightning_modules.components.metrics import ScoreCollector, accuracy, auroc, sample_ids
 
 log = logging.getLogger(__name__)
@@ -30,13 +37,26 @@ class DomainClassifierModule(ShiftADModule):
         selection: ``source`` (model selection on the source val split) or ``oracle`` (on labelled target val
             data; needs ``data.target_val: true`` and is reported as the oracle it is). It sets which metric
             ``selection_metric`` names for the checkpoint callback.
+        threshold: how the decision threshold on the defect probability is fitted (``ThresholdSpec``), on the
+            labelled source val split at the end of each validation epoch: ``quantile`` of its normals'
+            probabilities, ``f1_adaptive`` (its defects are labelled) or ``manual``. ``calibrate_on:
+            target_shots`` is not available here (the paired data has no target shots).
         optimizer, scheduler, scheduler_interval: see ``ShiftADModule``.
+
+    ``predict`` scores images as target images (ADDA's target encoder, AdaBN's target statistics).
     """
 
-    def __init__(self, selection: str = "source", **kwargs) -> None:
+    test_time_options = THRESHOLD_OPTIONS
+
+    def __init__(self, selection: str = "source", threshold: ThresholdSpec | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.threshold = as_threshold_spec(threshold)
+        if self.threshold.calibrate_on != "source":
+            raise ValueError("model.init_args.threshold.calibrate_on target_shots needs target normal shots, which "
+                             "the paired-domain classifiers do not have; use calibrate_on source")
+        self.calibration = ScoreCalibration()
         self.selection = selection
         self.val_scores = [ScoreCollector() for _ in VAL_DOMAINS]
         self.test_domains: tuple[str, ...] = ()
@@ -91,10 +111,57 @@ class DomainClassifierModule(ShiftADModule):
             self.log(f"val/{name}_accuracy", accuracy(probabilities, labels), sync_dist=False)
             loss = F.binary_cross_entropy(probabilities.double().clamp(1e-7, 1 - 1e-7), labels.double())
             self.log(f"val/{name}_loss", float(loss), sync_dist=False)
+            if name == "source" and not self.trainer.sanity_checking:  # before this epoch's checkpoint is saved
+                self.calibration.fit(self.threshold, probabilities, labels, where="the source val split")
+                self.log("val/image_threshold", float(self.calibration.image_threshold), sync_dist=False)
+
+    def fit_thresholds_on_validation(self, datamodule) -> bool:
+        """Fits the threshold on the DataModule's source val split (a checkpoint without one)."""
+        loaders = datamodule.val_dataloader() if hasattr(datamodule, "val_dataloader") else []
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        if not loader:
+            return False
+        collector = ScoreCollector().to(self.device)
+        with torch.no_grad():
+            for batch in loader:
+                batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                         for key, value in batch.items()}
+                self._collect(collector, batch, "source")
+        probabilities, labels = collector.compute()
+        self.calibration.fit(self.threshold, probabilities, labels, where="the source val split")
+        return True
+
+    def ready_thresholds(self, datamodule, stage: str) -> None:
+        """The checkpoint's threshold when fitted as ``threshold`` asks, else one fitted on the source val split
+        (with a warning), else at predict an error saying what to pass."""
+        spec, calibration = self.threshold, self.calibration
+        if spec.method == "manual":
+            calibration.set_manual(spec)
+            return
+        if calibration.matches(spec):
+            return
+        if self.fit_thresholds_on_validation(datamodule):
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint has no {spec.method} threshold; fitted it on the "
+                           f"DataModule's source val split")
+        elif stage == "predict":
+            raise ValueError(f"{type(self).__name__}: the checkpoint has no {spec.method} threshold and "
+                             f"{type(datamodule).__name__} has no validation split to fit one; pass "
+                             f"--model.init_args.threshold.method manual --model.init_args.threshold.image_threshold "
+                             f"<defect probability>")
+
+    def on_predict_start(self) -> None:
+        self.prepare_target_evaluation()
+        self.ready_thresholds(self.trainer.datamodule, "predict")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """The prediction of a predict batch (scored as target images): the defect probability is the score."""
+        probabilities = torch.sigmoid(self.model(batch["image"], "target").float())
+        return prediction(batch, probabilities, None, self.calibration)
 
     def on_test_epoch_start(self) -> None:
         self.test_domains = self.test_domain_names()
         self.test_scores = [ScoreCollector().to(self.device) for _ in self.test_domains]
+        self.ready_thresholds(self.trainer.datamodule, "test")
         self.prepare_target_evaluation()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -74,8 +74,11 @@ class CSFlowDetector(AnomalyDetectionModule):
         return {"nll": self.model.nll(z, log_det).mean()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self.nll_terms(self.model.features(batch["image"]))
-        self.log("val/nll", terms["nll"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        images = batch["image"]
+        z, log_det = self.model.flow(self.model.features(images))
+        nll = self.model.nll(z, log_det).mean()
+        self.log("val/nll", nll, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+        self.record_held_out(batch, *self.model.anomaly_scores(z, images.shape[-2:]))
 
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, _ = self.model.flow(self.model.features(images))

@@ -46,7 +46,8 @@ class DANN(DomainClassifierModule):
 
     method_name = "dann"
     #: adabn trains exactly as source_only does, so either checkpoint can be tested as the other.
-    test_time_options = {"mode": frozenset({("source_only", "adabn"), ("adabn", "source_only")})}
+    test_time_options = {**DomainClassifierModule.test_time_options,
+                         "mode": frozenset({("source_only", "adabn"), ("adabn", "source_only")})}
 
     def __init__(
         self,

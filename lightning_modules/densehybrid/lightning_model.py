@@ -126,6 +126,7 @@ class DenseHybridAD(AnomalyDetectionModule):
         size = len(batch["image"])
         self.log_dict({f"val/{name}": value for name, value in terms.items()}, sync_dist=True, batch_size=size)
         self.log("val/loss", sum(terms.values()), sync_dist=True, batch_size=size)
+        self.record_held_out(batch, *self.anomaly_scores(batch["image"]))
 
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.model.anomaly_map(images, self.anomaly_score)

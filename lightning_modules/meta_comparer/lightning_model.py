@@ -1,27 +1,28 @@
 """Lightning wrappers: the meta-comparer, its ``aggregate`` ablation and a k-NN patch baseline.
 
-All three are tested the same way: at the start of a test, the held-out domain's normal references
-(``datamodule.reference_images()`` of ``datamodules.LODODataModule``) are read once, without any
-fine-tuning, and every test image is scored against them.
+All three are tested the same way: at the start of a test (or predict), the held-out domain's normal
+references (``datamodule.reference_images()`` of ``datamodules.LODODataModule``) are read once, without any
+fine-tuning, and every test image is scored against them. The thresholds come from the references too
+(:class:`ReferenceDetector`), so they are the target's.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.calibration import HeldOutScores
 from lightning_modules.components.knn_patch import KNNPatchScorer
 from lightning_modules.meta_comparer.losses import attention_loss, classification_loss, ranking_loss
 from lightning_modules.meta_comparer.torch_model import MetaComparerModel
 from lightning_modules.padim.torch_model import PadimModel
 
 
-def target_references(trainer: Trainer) -> torch.Tensor:
-    """The held-out domain's normal reference images [N, 3, H, W] from the trainer's DataModule."""
-    datamodule = getattr(trainer, "datamodule", None)
+def target_references(datamodule) -> torch.Tensor:
+    """The held-out domain's normal reference images [N, 3, H, W] from the DataModule."""
     if datamodule is None or not hasattr(datamodule, "reference_images"):
         raise ValueError(
             f"testing needs the target domain's normal references: use a DataModule with reference_images() "
@@ -32,7 +33,53 @@ def target_references(trainer: Trainer) -> torch.Tensor:
     return references
 
 
-class MetaComparer(AnomalyDetectionModule):
+class ReferenceDetector(AnomalyDetectionModule):
+    """A detector scoring against the target's normal references, given at test/predict time.
+
+    :meth:`prepare_scoring` fits the references, and the thresholds from them with no label: the references
+    are split in two halves (even and odd positions); each half is scored against a fit of the other, and
+    these held-out normal scores give the thresholds (domain ``target``). The final fit uses every reference.
+    """
+
+    #: the fewest references a fit needs
+    min_references = 1
+
+    def fit_references(self, references: torch.Tensor) -> None:
+        """Fits what scoring needs on normal reference images [N, 3, H, W] (already on the device)."""
+        raise NotImplementedError
+
+    def prepare_scoring(self, datamodule) -> None:
+        references = target_references(datamodule).to(self.device)
+        if self.threshold.method == "manual":
+            self.fit_references(references)
+            return
+        if references.shape[0] < 2 * self.min_references:
+            self.calibration.reset()
+            rank_zero_warn(f"{type(self).__name__}: no thresholds: fitting them on the references needs at least "
+                           f"{2 * self.min_references} reference images (one half is scored against a fit of the "
+                           f"other), got {references.shape[0]}; "
+                           f"add references (data.init_args.reference_fraction) or pass "
+                           f"--model.init_args.threshold.method manual --model.init_args.threshold.image_threshold "
+                           f"<score>")
+            self.fit_references(references)
+            return
+        held_out = HeldOutScores().to(self.device)
+        positions = torch.arange(references.shape[0], device=references.device)
+        for part in (positions % 2 == 0, positions % 2 == 1):
+            self.fit_references(references[~part])
+            with torch.no_grad():
+                for index, chunk in zip(positions[part].split(16), references[part].split(16), strict=True):
+                    scores, maps = self.anomaly_scores(chunk)
+                    batch = {"label": torch.zeros(len(chunk), dtype=torch.long, device=self.device),
+                             "path": [f"reference:{int(i)}" for i in index],
+                             "mask": torch.zeros(len(chunk), 1, *chunk.shape[-2:], device=self.device),
+                             "has_mask": torch.zeros(len(chunk), dtype=torch.bool, device=self.device)}
+                    held_out.update(batch, scores, maps)
+        held_out.fit(self.calibration, self.threshold, "target", "the target references")
+        self.fit_references(references)
+
+
+class MetaComparer(ReferenceDetector):
     """Co-attention meta-comparer with ranking loss (paper 002), trained on source-domain episodes.
 
     Args:
@@ -108,17 +155,20 @@ class MetaComparer(AnomalyDetectionModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.checked_total(self.loss_terms(batch), prefix="val")
 
-    def on_test_start(self) -> None:
-        references = target_references(self.trainer).to(self.device)
-        batch_size = getattr(self.trainer.datamodule, "batch_size", 16)
+    def fit_references(self, references: torch.Tensor) -> None:
+        batch_size = getattr(self.trainer.datamodule, "batch_size", 16) if self._trainer is not None else 16
         self.bank = self.model.reference_bank(references, batch_size)
 
     def on_test_end(self) -> None:
         self.bank = []
 
+    def on_predict_end(self) -> None:
+        self.bank = []
+
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.bank:
-            raise RuntimeError("MetaComparer: no reference bank; test through a Trainer with a LODODataModule")
+            raise RuntimeError("MetaComparer: no reference bank; call prepare_scoring(datamodule) with a LODODataModule "
+                               "(test and predict do)")
         return self.model(images, self.bank)
 
 
@@ -132,7 +182,7 @@ class MetaComparerAggregate(MetaComparer):
         super().__init__(*args, cls_loss=cls_loss, att_loss=att_loss, rank_loss=rank_loss, **kwargs)
 
 
-class KNNPatchBaseline(AnomalyDetectionModule):
+class KNNPatchBaseline(ReferenceDetector):
     """Anomaly-detection baseline fitted on the same target references: k-NN distance of patch features.
 
     Patch features: backbone stages averaged over ``patch_size`` neighbourhoods, brought to the finest
@@ -169,8 +219,7 @@ class KNNPatchBaseline(AnomalyDetectionModule):
                 for m in maps]
         return torch.cat(maps, 1).permute(0, 2, 3, 1)
 
-    def on_test_start(self) -> None:
-        references = target_references(self.trainer).to(self.device)
+    def fit_references(self, references: torch.Tensor) -> None:
         self.scorer.fit(torch.cat([self.patch_features(chunk).flatten(0, 2) for chunk in references.split(16)]))
 
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +227,7 @@ class KNNPatchBaseline(AnomalyDetectionModule):
         return maps.flatten(1).amax(1), maps
 
 
-class PadimReferenceBaseline(AnomalyDetectionModule):
+class PadimReferenceBaseline(ReferenceDetector):
     """PaDiM fitted on the same target references: the Gaussians of ``PadimModel`` from the held-out
     domain's normals given at test time. Nothing is trained; every process fits the same references.
 
@@ -186,6 +235,7 @@ class PadimReferenceBaseline(AnomalyDetectionModule):
     """
 
     method_name = "padim_reference"
+    min_references = 2  # a covariance
 
     def __init__(self, backbone: BackboneSpec | None = None, layers: list[str | int] | None = None,
                  num_features: int = 100, feature_seed: int = 0, covariance_eps: float = 0.01, blur_sigma: float = 4.0,
@@ -195,11 +245,11 @@ class PadimReferenceBaseline(AnomalyDetectionModule):
         self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
                                 covariance_eps, blur_sigma)
 
-    def on_test_start(self) -> None:
+    def fit_references(self, references: torch.Tensor) -> None:
         self.model.reset_statistics()
         with torch.no_grad():
-            for chunk in target_references(self.trainer).split(16):
-                self.model.accumulate(self.model.embed(chunk.to(self.device)))
+            for chunk in references.split(16):
+                self.model.accumulate(self.model.embed(chunk))
 
     def anomaly_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images)
