@@ -86,5 +86,6 @@ class Padim(AnomalyDetectionModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not self.model.is_fitted:  # the sanity check runs before the fit
             return
-        scores, _ = self.model(batch["image"])
+        scores, maps = self.model(batch["image"])
         self.log("val/normal_score", scores.mean(), sync_dist=True, batch_size=scores.shape[0])
+        self.record_held_out(batch, scores, maps)
