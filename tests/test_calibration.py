@@ -153,6 +153,13 @@ def test_target_shots_move_the_thresholds_by_the_shots_location_without_reading_
         pytest.approx(0.5, abs=1e-5)
 
 
+def test_target_shots_without_shots_is_an_error_naming_the_keys():
+    detector = fitted_padim(ThresholdSpec(calibrate_on="target_shots"))
+    with pytest.raises(ValueError, match="threshold.calibrate_on target_shots needs target normal shots.*"
+                                         "data.init_args.target_shots"):
+        detector.ready_thresholds(References(random_images(2, seed=3)), "test")
+
+
 def test_predict_step_gives_scores_maps_and_decisions_from_the_calibration():
     detector = fitted_padim()
     images = torch.cat([random_images(2, seed=1), torch.full((2, 3, 32, 32), 0.5)])
@@ -273,9 +280,14 @@ def test_an_old_checkpoint_gets_thresholds_from_the_validation_split_or_a_clear_
     with pytest.warns(UserWarning, match="the checkpoint has no thresholds; fitted quantile thresholds"):
         cli = main([*predict, *FIT])
     assert cli.model.calibration.is_fitted and cli.model.calibration.samples == 4
+    no_validation = [*predict, "--data.init_args.val_fraction", "0.0"]
     with warnings.catch_warnings(), pytest.raises(ValueError, match="threshold.method manual"):
         warnings.simplefilter("ignore")
-        main([*predict, "--data.init_args.val_fraction", "0.0"])
+        main(no_validation)
+    # What the message says to pass works on that checkpoint.
+    cli = main([*no_validation, "--model.init_args.threshold.method", "manual",
+                "--model.init_args.threshold.image_threshold", "9.5"])
+    assert cli.model.calibration.summary()["image_threshold"] == 9.5
 
 
 def test_the_classifier_fits_its_threshold_on_the_source_val_split(surfaces_root, tmp_path):
