@@ -18,9 +18,9 @@ refused by name otherwise; ``fit`` from a checkpoint accepts no such change. A t
 trained on other data than it is tested on goes to ``<method>/<trained tag>__on__<tested tag>/``, so it
 never sits among the runs trained on the tested data.
 
-``export --ckpt_path <file> --export.format onnx|torchscript [--export.out DIR]`` trains nothing: it loads the
-checkpoint as ``predict`` does, readies scoring and thresholds as ``predict`` does at its start, and writes
-``model.onnx``/``model.pt`` and ``model.json`` into ``--export.out`` or a new run folder
+``export --ckpt_path <file> --export.format onnx|torch_export|torchscript [--export.out DIR]`` trains nothing: it
+loads the checkpoint as ``predict`` does, readies scoring and thresholds as ``predict`` does at its start, and writes
+``model.onnx``/``model.pt2``/``model.pt`` and ``model.json`` into ``--export.out`` or a new run folder
 (``lightning_modules.components.export``). It runs on the CPU, with no logger.
 """
 
@@ -175,7 +175,7 @@ class ShiftADTrainer(Trainer):
 
     def export(self, model: ShiftADModule, datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
                export: ExportSpec | None = None) -> Path:
-        """Export a fitted model to ONNX or TorchScript with its model.json (no training)."""
+        """Export a fitted model to ONNX, torch.export or TorchScript with its model.json (no training)."""
         spec = export or ExportSpec()
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         model.on_load_checkpoint(checkpoint)

@@ -1,5 +1,5 @@
 """Export parity and CPU speed: each method fitted briefly through ``cli.py fit``, exported through ``cli.py export``
-to ONNX and TorchScript, then run on the DataModule's test images (target and source test splits) against the
+to ONNX, torch.export and TorchScript, then run on the DataModule's test images (target and source test splits) against the
 PyTorch module.
 
 For every output (score, normalised score, anomaly map, normalised map) it reports the largest difference relative
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cli import main  # noqa: E402
-from lightning_modules.components.export import INPUT_NAME, relative_difference  # noqa: E402
+from lightning_modules.components.export import FILE_NAMES, FORMATS, INPUT_NAME, relative_difference  # noqa: E402
 
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false", "--run.wandb", "false"]
@@ -91,8 +91,9 @@ def parity(exported: list[np.ndarray], reference: list[np.ndarray]) -> dict:
 
 def exported_runner(path: Path, fmt: str):
     """images -> outputs of the exported file, on one CPU thread."""
-    if fmt == "torchscript":
-        loaded = torch.jit.load(str(path), map_location="cpu")
+    if fmt != "onnx":
+        loaded = (torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else
+                  torch.export.load(str(path)).module())
 
         def run(chunk: torch.Tensor) -> list[np.ndarray]:
             with torch.no_grad():
@@ -113,7 +114,7 @@ def measure(method: str, args: argparse.Namespace, runs: Path) -> dict:
     checkpoint = max(runs.glob(f"{method}/*/version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
     result = {"checkpoint": str(checkpoint), "fit_seconds": round(fit_seconds, 1), "formats": {}}
     torch.set_num_threads(1)
-    for fmt in ("onnx", "torchscript"):
+    for fmt in FORMATS:
         out = runs / "exports" / method / fmt
         start = time.perf_counter()
         cli = main(["export", *arguments, "--ckpt_path", str(checkpoint), "--export.format", fmt,
@@ -122,7 +123,7 @@ def measure(method: str, args: argparse.Namespace, runs: Path) -> dict:
         torch.set_num_threads(1)
         module, images = cli.model, test_images(cli.datamodule)
         reference = pytorch_outputs(module, images, args.batch_size)
-        path = out / ("model.onnx" if fmt == "onnx" else "model.pt")
+        path = out / FILE_NAMES[fmt]
         run = exported_runner(path, fmt)
         exported = batched(run, images, args.batch_size)
         load_before = os.getloadavg()[0]

@@ -1,5 +1,6 @@
-"""``cli.py export`` (issue 18, item 3): ONNX and TorchScript files that onnxruntime / torch.jit run with the
-scores of the PyTorch module, ``model.json``, and the errors of a format or an op that cannot be exported."""
+"""``cli.py export`` (issue 18, item 3): ONNX, torch.export and TorchScript files that onnxruntime / torch run
+with the scores of the PyTorch module, ``model.json``, and the errors of a format or an op that cannot be
+exported."""
 
 from __future__ import annotations
 
@@ -108,17 +109,21 @@ def test_onnx_export_runs_in_onnxruntime_with_the_pytorch_scores(method, fitted,
     assert inside["calibration"] == description["calibration"]
 
 
-def test_torchscript_export_round_trips(fitted, surfaces_root, tmp_path):
-    out = tmp_path / "torchscript"
-    cli = export(padim(surfaces_root, tmp_path / "runs"), fitted["padim"], "torchscript", out)
+@pytest.mark.parametrize("fmt, file", [("torchscript", "model.pt"), ("torch_export", "model.pt2")])
+def test_torch_formats_round_trip(fmt, file, fitted, surfaces_root, tmp_path):
+    out = tmp_path / fmt
+    cli = export(padim(surfaces_root, tmp_path / "runs"), fitted["padim"], fmt, out)
     extra = {"model.json": ""}
-    loaded = torch.jit.load(str(out / "model.pt"), map_location="cpu", _extra_files=extra)
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(out / file), map_location="cpu", _extra_files=extra)
+    else:
+        loaded = torch.export.load(str(out / file), extra_files=extra).module()
     images = some_test_images(cli)
     with torch.no_grad():
         outputs = [t.numpy() for t in loaded(images)]
     assert_parity(outputs, pytorch_outputs(cli.model, images))
-    assert json.loads(extra["model.json"])["format"] == "torchscript"
-    assert json.loads((out / "model.json").read_text())["file"] == "model.pt"
+    assert json.loads(extra["model.json"])["format"] == fmt
+    assert json.loads((out / "model.json").read_text())["file"] == file
 
 
 def test_the_default_folder_is_a_new_run_folder(fitted, surfaces_root, tmp_path):
@@ -130,7 +135,8 @@ def test_the_default_folder_is_a_new_run_folder(fitted, surfaces_root, tmp_path)
 
 
 def test_an_unknown_format_is_refused_by_name(fitted, surfaces_root, tmp_path):
-    with pytest.raises(ValueError, match="export.format must be one of onnx, torchscript, got 'openvino'"):
+    with pytest.raises(ValueError, match="export.format must be one of onnx, torchscript, torch_export, "
+                                         "got 'openvino'"):
         export(padim(surfaces_root, tmp_path / "runs"), fitted["padim"], "openvino", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -156,14 +162,15 @@ class SizedToyData(ToyDataModule):
     image_size, resize_size = 16, None
 
 
-def test_an_op_onnx_lacks_is_named_and_torchscript_offered(tmp_path):
+def test_an_op_onnx_lacks_is_named_and_the_torch_formats_offered(tmp_path):
     toy = ["--model", f"{__name__}.TriangularSolveDetector", "--data", f"{__name__}.SizedToyData", *QUIET,
            "--run.wandb", "false", "--run.root", str(tmp_path / "runs")]
     main(["fit", *toy, "--trainer.max_steps", "1"])
     checkpoint = next((tmp_path / "runs").glob("triangular/*/version_0/checkpoints/last.ckpt"))
     with pytest.raises(RuntimeError, match=r"triangular: cannot export to ONNX: ONNX has no conversion of "
-                                           r"aten::linalg_solve_triangular\. Use --export.format torchscript"):
+                                           r"aten::linalg_solve_triangular\. Use --export.format torch_export"):
         export(toy, checkpoint, "onnx", tmp_path / "onnx")
     assert not (tmp_path / "onnx" / "model.onnx").exists()
-    export(toy, checkpoint, "torchscript", tmp_path / "torchscript")  # the offered way works
-    assert (tmp_path / "torchscript" / "model.pt").is_file()
+    export(toy, checkpoint, "torch_export", tmp_path / "torch_export")  # the offered way works
+    parity = json.loads((tmp_path / "torch_export" / "model.json").read_text())["parity"]
+    assert max(parity["max_relative_difference"].values()) < RTOL

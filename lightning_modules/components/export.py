@@ -1,12 +1,13 @@
-"""Export of a fitted model for inference without ShiftAD: ONNX (onnxruntime) or TorchScript, and ``model.json``.
+"""Export of a fitted model for inference without ShiftAD's code: ONNX (onnxruntime), TorchScript or a
+``torch.export`` program, and ``model.json``.
 
 The exported graph takes float images [B, 3, H, W] in [0, 1], RGB, at the DataModule's ``image_size`` (B is
 free) and returns what ``predict`` computes: ``score`` (raw) and ``normalised_score`` (in [0, 1], the image
 threshold at 0.5), plus for the detectors ``anomaly_map`` (raw, [B, H, W]) and ``normalised_map``. The
 backbone's mean/std normalisation, the fitted statistics (PaDiM's Gaussians, the CS-Flow flow, DenseHybrid's
 heads, the reference banks fitted by ``prepare_scoring``) and the score normalisation are inside the graph;
-``model.json`` beside it (and inside the file: ONNX metadata / TorchScript extra file) describes the input
-(resize, size, mean/std), the outputs and the thresholds.
+``model.json`` beside it (and inside the file: ONNX metadata, or an extra file of the TorchScript / torch.export
+archive) describes the input (resize, size, mean/std), the outputs and the thresholds.
 
 After writing, the file is run on a batch of another size than the one it was traced with and compared with
 the PyTorch module; the largest relative differences go into ``model.json`` (``parity``).
@@ -25,8 +26,11 @@ from torch import nn
 
 from lightning_modules.components.backbone import ImageNormalizer
 
-FORMATS = ("onnx", "torchscript")
-FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = ("onnx", "torchscript", "torch_export")
+FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt", "torch_export": "model.pt2"}
+#: what a failed ONNX export offers instead
+OTHER_FORMATS = ("--export.format torch_export (torch.export.load(path).module() runs it) or --export.format "
+                 "torchscript (torch.jit.load; deprecated by PyTorch)")
 INPUT_NAME = "images"
 SCORE_OUTPUTS = ("score", "normalised_score")
 MAP_OUTPUTS = ("anomaly_map", "normalised_map")
@@ -43,7 +47,8 @@ class ExportSpec:
     """``export`` options.
 
     Args:
-        format: ``onnx`` (run with onnxruntime) or ``torchscript`` (``torch.jit.load``, no ShiftAD code needed).
+        format: ``onnx`` (run with onnxruntime), ``torch_export`` (``torch.export.load(path).module()``) or
+            ``torchscript`` (``torch.jit.load``); none needs ShiftAD's code to run.
         out: folder for the model file and ``model.json``; default: the run folder of this export.
         opset: ONNX opset version.
     """
@@ -109,36 +114,54 @@ def write_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset: 
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError as error:
         raise ExportError(f"export.format onnx needs the onnx and onnxscript packages ({error}): "
-                          f"pip install -e '.[export]', or use --export.format torchscript") from error
-    batch = torch.export.Dim("batch", min=1)
+                          f"pip install -e '.[export]', or use {OTHER_FORMATS}") from error
     try:
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=list(model.output_names), dynamic_shapes=({0: batch},), external_data=False,
-                          verbose=False)
+                          output_names=list(model.output_names), dynamic_shapes=dynamic_batch(),
+                          external_data=False, verbose=False)
     except Exception as error:  # the exporter raises its own classes from several stages
         path.unlink(missing_ok=True)
         op = failed_op(error)
-        what = f"ONNX has no conversion of {op}" if op else f"the ONNX exporter failed ({type(error).__name__})"
-        raise ExportError(f"{description['method']}: cannot export to ONNX: {what}. Use --export.format torchscript instead "
-                          f"(torch.jit.load runs it without ShiftAD's code), or torch.export.export on the "
-                          f"module in Python. Exporter message: {str(error).splitlines()[0]}") from error
+        # A missing ONNX op leaves torch.export fine; a graph torch.export cannot trace leaves TorchScript.
+        what, other = ((f"ONNX has no conversion of {op}", OTHER_FORMATS) if op else
+                       (f"the ONNX exporter failed ({type(error).__name__})", "--export.format torchscript"))
+        raise ExportError(f"{description['method']}: cannot export to ONNX: {what}. Use {other} instead. "
+                          f"Exporter message: {str(error).splitlines()[0]}") from error
     # model.json also inside the file, so that the thresholds travel with it
     exported = onnx.load(str(path))
     onnx.helper.set_model_props(exported, {"model.json": json.dumps(description)})
     onnx.save(exported, str(path))
 
 
+def dynamic_batch() -> tuple[dict, ...]:
+    return ({0: torch.export.Dim("batch", min=1)},)
+
+
+def write_torch_export(model: InferenceModel, example: torch.Tensor, path: Path, description: dict) -> None:
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())
+    except Exception as error:  # torch.export raises many classes (guards, unsupported Python)
+        raise ExportError(f"{description['method']}: torch.export cannot trace it ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0]}); use --export.format torchscript") from error
+    torch.export.save(program, str(path), extra_files={"model.json": json.dumps(description)})
+
+
 def write_torchscript(model: InferenceModel, example: torch.Tensor, path: Path, description: dict) -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, (example,), check_trace=False, strict=False)
-    torch.jit.save(traced, str(path), _extra_files={"model.json": json.dumps(description)})
+        # Frozen: only the tensors the forward pass reads are kept (not PaDiM's float64 fit sums).
+        frozen = torch.jit.freeze(traced, optimize_numerics=False)
+    torch.jit.save(frozen, str(path), _extra_files={"model.json": json.dumps(description)})
 
 
 def run_exported(path: Path, fmt: str, images: torch.Tensor) -> list[np.ndarray]:
-    """The exported file's outputs on ``images``, run the way a user runs it (onnxruntime on CPU, or torch.jit)."""
-    if fmt == "torchscript":
+    """The exported file's outputs on ``images``, run the way a user runs it (onnxruntime on CPU, torch.jit,
+    torch.export)."""
+    if fmt != "onnx":
+        loaded = torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else \
+            torch.export.load(str(path)).module()
         with torch.no_grad():
-            return [t.numpy() for t in torch.jit.load(str(path), map_location="cpu")(images)]
+            return [t.numpy() for t in loaded(images)]
     try:
         import onnxruntime
     except ImportError as error:
@@ -187,12 +210,12 @@ def describe(module: nn.Module, model: InferenceModel, datamodule, checkpoint: s
         "decision": "defect when score > calibration.image_threshold, i.e. normalised_score > 0.5; a pixel is "
                     "defective when normalised_map > 0.5",
         "calibration": module.calibration.summary(),
-        "data": {key: value for key, value in getattr(datamodule, "describe", dict)().items()},
+        "data": dict(getattr(datamodule, "describe", dict)()),
     }
 
 
 def export_model(module: nn.Module, datamodule, checkpoint: str, spec: ExportSpec, out_dir: Path) -> Path:
-    """Writes ``out_dir/model.onnx|model.pt`` and ``out_dir/model.json`` for a fitted module whose scoring is
+    """Writes ``out_dir/model.onnx|model.pt|model.pt2`` and ``out_dir/model.json`` for a fitted module whose scoring is
     ready (checkpoint loaded, ``prepare_scoring`` and thresholds done); returns the model file."""
     image_size = getattr(datamodule, "image_size", None)
     if not isinstance(image_size, int):
@@ -210,6 +233,8 @@ def export_model(module: nn.Module, datamodule, checkpoint: str, spec: ExportSpe
     path = out_dir / FILE_NAMES[spec.format]
     if spec.format == "onnx":
         write_onnx(model, example, path, spec.opset, description)
+    elif spec.format == "torch_export":
+        write_torch_export(model, example, path, description)
     else:
         write_torchscript(model, example, path, description)
     exported = run_exported(path, spec.format, check)
