@@ -16,7 +16,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
 
 - ``padim``, ``gmm_padim`` (PaDiM with the GMM-pretrained backbone of ``--gmm-backbone``): ``source_only`` (fit
   on the source normals), ``k_only`` (statistics of the k target shots alone; k >= 2), ``source_plus_k``
-  (source normals and the k shots), ``target_full`` (all target normals);
+  (source normals and the k shots), ``recalibrated`` (the source fit, then ShiftAD's target recalibration from
+  the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
+  kept the update), ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``adapted`` (phase 2 on the k target shots from the
   source-only checkpoint), ``target_full`` (phase 1 on all target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
@@ -36,6 +38,7 @@ after every job; a job already there is skipped, so a cut-off sweep continues wh
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import sys
@@ -62,20 +65,22 @@ CONFIGS = REPO / "configs"
 TRAINER = CONFIGS / "trainer" / "default.yaml"
 #: method -> its settings in table order; ``SHOT_SETTINGS`` run per k and fold
 SETTINGS = {
-    "padim": ("source_only", "k_only", "source_plus_k", "target_full"),
-    "gmm_padim": ("source_only", "k_only", "source_plus_k", "target_full"),
+    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
+    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
     "csflow": ("source_only", "adapted", "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "adapted")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
 DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
                     "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "target_full": "target"}
+            "recalibrated": "source", "target_full": "target"}
+#: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
+KEPT = "adapt/kept"
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
 COLUMNS = (("target image AUROC", "target/image_auroc", "target/auroc"),
            ("target pixel AUROC", "target/pixel_auroc", None),
@@ -237,7 +242,9 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
     model = []
     if job.method == "gmm_padim":
         model = ["--model.init_args.backbone.weights", str(args.gmm_backbone)]
-    if job.setting == "adapted":  # phase 2 builds its model from the phase-1 checkpoint
+    if job.setting == "recalibrated":
+        configs.append(CONFIGS / "padim" / "target_recalibration.yaml")
+    elif job.setting == "adapted":  # phase 2 builds its model from the phase-1 checkpoint
         configs = [CONFIGS / "csflow" / "adapt_gray.yaml"]
         model = ["--model.init_args.source_checkpoint", str(source_checkpoint(job, records, "last"))]
     elif job.method == "csflow" and args.image_size is not None:
@@ -294,7 +301,19 @@ def run_job(job: Job, args: argparse.Namespace, records: dict) -> dict:
     command = dann_command if job.method == "dann" else detector_command
     subcommand, arguments = command(job, args, records)
     run = run_cli(subcommand, arguments, run_root_of(job, args))
-    return {**vars(job), **run.metrics, **run.cost(), "sweep": settings_of(args)}
+    kept = logged_last(run.run_dir, KEPT)
+    return {**vars(job), **run.metrics, **({KEPT: kept} if kept is not None else {}), **run.cost(),
+            "sweep": settings_of(args)}
+
+
+def logged_last(run_dir: Path, key: str) -> float | None:
+    """The last value of a metric in the run's metrics*.csv (Lightning's CSV logger), None if never logged."""
+    value = None
+    for path in sorted(Path(run_dir).glob("metrics*.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                value = float(row[key]) if row.get(key) else value
+    return value
 
 
 def mean_of(rows: list[dict], metric: str | None) -> float | None:
@@ -340,7 +359,9 @@ def table(records: list[dict]) -> str:
                 values = [mean_std([r[c[index]] for r in cell if c[index] in r]) for c in COLUMNS]
                 gap = ("—" if setting in ("source_only", "target_full")
                        else gap_recovered(mean_of(cell, gap_metric), source_only, target_full))
-                rows.append([method, setting, "—" if k is None else str(k), *values, gap,
+                decided = [r[KEPT] for r in cell if KEPT in r]
+                label = f"{setting} (kept {sum(decided):.0f}/{len(decided)})" if decided else setting
+                rows.append([method, label, "—" if k is None else str(k), *values, gap,
                              f"{statistics.mean(r['seconds'] for r in cell):.0f}",
                              f"{statistics.mean(r['cpu_seconds'] for r in cell):.0f}"])
     header = ["method", "setting", "k", *(c[0] for c in COLUMNS), "gap recovered", "wall s / job", "CPU s / job"]

@@ -62,8 +62,9 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
                        "--methods", "padim", "csflow", "--shots", "1", "5", "--folds", "2"])
     keys = [job.key for job in jobs_of(args)]
     assert keys[:2] == ["padim/source_only", "padim/target_full"]
-    assert keys[2:7] == ["padim/source_plus_k/k1/f0", "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0",
-                         "padim/source_plus_k/k1/f1", "padim/k_only/k5/f1"]
+    assert keys[2:9] == ["padim/source_plus_k/k1/f0", "padim/recalibrated/k1/f0", "padim/k_only/k5/f0",
+                         "padim/source_plus_k/k5/f0", "padim/recalibrated/k5/f0", "padim/source_plus_k/k1/f1",
+                         "padim/recalibrated/k1/f1"]
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
     assert keys[-6:] == ["csflow/source_only", "csflow/target_full", "csflow/adapted/k1/f0", "csflow/adapted/k5/f0",
                          "csflow/adapted/k1/f1", "csflow/adapted/k5/f1"]
@@ -146,15 +147,17 @@ def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_p
 
 
 def test_two_user_folders_end_to_end(tmp_path):
-    """Three real cli.py jobs of PaDiM at 32 px: source-only, source + 1 target shot, full target."""
+    """Four real cli.py jobs of PaDiM at 32 px: source-only, source + 1 target shot, the source fit recalibrated
+    on that shot, full target."""
     make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
     make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
     out = tmp_path / "out"
     cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
                        "--dataset", "folder", "--methods", "padim", "--settings", "source_only", "source_plus_k",
-                       "target_full", "--shots", "1", "--folds", "1", "--image-size", "32", "--out", str(out)])
+                       "recalibrated", "target_full", "--shots", "1", "--folds", "1", "--image-size", "32", "--out", str(out)])
     records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
-    assert sorted(records) == ["padim/source_only", "padim/source_plus_k/k1/f0", "padim/target_full"]
+    assert sorted(records) == ["padim/recalibrated/k1/f0", "padim/source_only", "padim/source_plus_k/k1/f0",
+                               "padim/target_full"]
     for record_ in records.values():
         assert 0 <= record_["target/image_auroc"] <= 1 and 0 <= record_["source/image_auroc"] <= 1
         assert "target/pixel_auroc" not in record_  # line B has no ground_truth/
@@ -162,3 +165,6 @@ def test_two_user_folders_end_to_end(tmp_path):
         assert record_["seconds"] > 0 and record_["cpu_seconds"] > 0
     assert "--data.init_args.train_on source+target_shots" in records["padim/source_plus_k/k1/f0"]["command"]
     assert "padim | source_plus_k | 1 |" in (out / "cross_domain.md").read_text()
+    recalibrated = records["padim/recalibrated/k1/f0"]
+    assert "padim/target_recalibration.yaml" in recalibrated["command"] and recalibrated["adapt/kept"] in (0, 1)
+    assert f"padim | recalibrated (kept {recalibrated['adapt/kept']:.0f}/1) | 1 |" in (out / "cross_domain.md").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DistributedSampler
@@ -9,7 +11,18 @@ from torch.utils.data import DistributedSampler
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.frozen_ddp import FROZEN_DDP, FrozenModelDDPStrategy
+from lightning_modules.components.target_recalibration import (
+    Moments,
+    RecalibrationSpec,
+    as_recalibration_spec,
+    embed_views,
+    recalibrated,
+    safety_check,
+    target_shot_images,
+)
 from lightning_modules.padim.torch_model import PadimModel
+
+log = logging.getLogger(__name__)
 
 
 class Padim(AnomalyDetectionModule):
@@ -28,18 +41,22 @@ class Padim(AnomalyDetectionModule):
         feature_seed: seed of the random channel subset (named apart from the data's ``seed``).
         covariance_eps: ε of Σ + ε·I.
         blur_sigma: σ of the anomaly-map blur, in input pixels.
+        target_recalibration: if set (``RecalibrationSpec``), after the source statistics are final the
+            Gaussians move toward the DataModule's k unlabelled target shots (``data.init_args.target_shots``),
+            kept or declined by the safety rule (logged as ``adapt/kept``), before the checkpoint is written.
     """
 
     method_name = "padim"
 
     def __init__(self, backbone: BackboneSpec | None = None, layers: list[str | int] | None = None,
                  num_features: int = 100, feature_seed: int = 0, covariance_eps: float = 0.01, blur_sigma: float = 4.0,
-                 **kwargs) -> None:
+                 target_recalibration: RecalibrationSpec | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
                                 covariance_eps, blur_sigma)
+        self.target_recalibration = as_recalibration_spec(target_recalibration)
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
@@ -82,6 +99,31 @@ class Padim(AnomalyDetectionModule):
         if batch_idx + 1 == self.trainer.num_training_batches:
             self.model.reduce_statistics(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             self.log("train/images", self.model.count.float(), rank_zero_only=True)
+            if self.target_recalibration is not None:
+                self.recalibrate_to_target(self.trainer.datamodule)
+
+    @torch.no_grad()
+    def recalibrate_to_target(self, datamodule) -> bool:
+        """Moves the source Gaussians toward the k target shots' views (see ``components.target_recalibration``)
+        unless the safety rule declines; returns whether the update was kept. Reads the shots' images only."""
+        spec = self.target_recalibration
+        images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
+        source = self.model.gaussians()
+        shots = embed_views(self.model.embed, images, spec.views)
+        self.check_finite({"target shot embedding": shots})
+        verdict = safety_check(source, shots, spec, self.model.covariance_eps)
+        kept = verdict.kept or not spec.safety
+        if kept:
+            update = recalibrated(source, Moments.of(shots.flatten(0, 1)), spec)
+            self.model.set_gaussians(update, spec.prior_count + shots.shape[0] * shots.shape[1])
+        log.info("target recalibration from %d shots x %d views: %s (held-out %s NLL per position: updated %.2f, "
+                 "source %.2f%s)", shots.shape[0], shots.shape[1], "kept" if kept else "declined, source kept",
+                 verdict.held_out, verdict.adapted_nll, verdict.source_nll,
+                 "" if spec.safety else "; safety rule off")
+        self.log_dict({"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
+                       "adapt/heldout_nll_source": verdict.source_nll}, rank_zero_only=True, on_step=False,
+                      on_epoch=True)  # one value per fit, written at the epoch's end whatever log_every_n_steps
+        return kept
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not self.model.is_fitted:  # the sanity check runs before the fit

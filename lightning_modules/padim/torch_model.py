@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_modules.components.anomaly_map import gaussian_blur_maps
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.target_recalibration import Gaussians
 
 # The statistics' shapes depend on the feature grid, known only once images arrive.
 STATISTICS = ("feature_sum", "outer_sum")
@@ -118,12 +119,36 @@ class PadimModel(nn.Module):
         return bool(self.count > 1)
 
     @torch.no_grad()
-    def covariance(self) -> torch.Tensor:
-        """Unbiased covariance from the sums, + ε·I, float64 [P, D, D]."""
-        n = self.count
+    def covariance(self, regularised: bool = True) -> torch.Tensor:
+        """Unbiased covariance from the sums, + ε·I when ``regularised``, float64 [P, D, D]."""
+        n = float(self.count)
         mean = self.feature_sum / n
-        cov = (self.outer_sum - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-        return cov + self.covariance_eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        # One [P, D, D] buffer, updated in place: Σxxᵀ − n·μμᵀ, / (n − 1), + ε on the diagonal.
+        cov = torch.baddbmm(self.outer_sum, mean[:, :, None], mean[:, None, :], alpha=-n).div_(n - 1)
+        if regularised:
+            cov.diagonal(dim1=-2, dim2=-1).add_(self.covariance_eps)
+        return cov
+
+    @torch.no_grad()
+    def gaussians(self) -> Gaussians:
+        """The fitted per-position Gaussians (float64, covariance without ε), for recalibration."""
+        if not self.is_fitted:
+            raise NotFittedError(f"PaDiM has seen {int(self.count)} training images; recalibration needs a fit")
+        return Gaussians(self.feature_sum / self.count, self.covariance(regularised=False))
+
+    @torch.no_grad()
+    def set_gaussians(self, gaussians: Gaussians, count: int) -> None:
+        """Replaces the sums by those of ``count`` embeddings with these means and covariances (the inverse of
+        :meth:`gaussians`), so a checkpoint holds the recalibrated statistics in the usual form."""
+        mean, covariance = gaussians.mean.to(torch.float64), gaussians.covariance.to(torch.float64)
+        if mean.shape != self.feature_sum.shape or covariance.shape != self.outer_sum.shape or count < 2:
+            raise ValueError(f"expected a mean {tuple(self.feature_sum.shape)}, a covariance "
+                             f"{tuple(self.outer_sum.shape)} and count >= 2, got {tuple(mean.shape)}, "
+                             f"{tuple(covariance.shape)}, {count}")
+        self.count.fill_(count)
+        self.feature_sum = count * mean
+        self.outer_sum = torch.baddbmm(covariance, mean[:, :, None], mean[:, None, :], beta=count - 1, alpha=count)
+        self._gaussians_stale = True
 
     @torch.no_grad()
     def _update_gaussians(self) -> None:

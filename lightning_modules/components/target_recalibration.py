@@ -1,0 +1,195 @@
+"""Few-shot target recalibration: fitted source statistics re-estimated from k unlabelled target normals (and
+their label-preserving views), with a label-free safety rule that keeps or declines the update.
+
+A detector's per-position Gaussians N(μ_s(p), Σ_s(p)) (PaDiM) are the prior; the shots' embeddings at each
+position are the evidence. Each position's Gaussian becomes the moments of a mixture of the source Gaussian,
+weighted as ``prior_count`` embeddings, and the n = k·V shot embeddings there (V views per shot):
+
+    μ = (n₀μ_s + n·x̄)/(n₀ + n),   Σ = (n₀Σ_s + S + n₀n/(n₀ + n)·(x̄ − μ_s)(x̄ − μ_s)ᵀ)/(n₀ + n),
+
+S the shots' scatter about x̄. The mean moves toward the shots; the covariance keeps the source's shape and
+widens along the source-to-target offset. The shots' weight grows with k; with none it is the source.
+
+The safety rule refits the update without some of the shots (leave one shot out; at k = 1, half of its views)
+and compares the held-out embeddings' mean Gaussian negative log-likelihood under the update and under the
+source statistics. The NLL, unlike the Mahalanobis distance alone, also charges a covariance inflated to
+swallow everything (its log-determinant). The update is kept only when it explains held-out shots better.
+Only the shots' images are read, never a label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+Views = Literal["none", "flips"]
+VIEW_COUNTS = {"none": 1, "flips": 4}
+SAFETY_POSITIONS = 256  # positions the safety rule scores (an evenly spaced subset)
+
+
+@dataclass
+class RecalibrationSpec:
+    """``target_recalibration:`` of a detector: how its statistics move to the target's k shots.
+
+    Args:
+        prior_count: weight of the source statistics, in embeddings per position (the shots count k·views).
+        views: label-preserving views of each shot: ``none`` or ``flips`` (identity, left-right, up-down and
+            both, i.e. a half-turn: a flipped normal image is still normal).
+        safety: apply the safety rule (False: always keep the update; its figures are still logged).
+    """
+
+    prior_count: int = 64
+    views: Views = "flips"
+    safety: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int) or self.prior_count < 1:
+            raise ValueError(f"target_recalibration.prior_count must be a whole number >= 1 (embeddings per "
+                             f"position), got {self.prior_count!r}")
+        if self.views not in VIEW_COUNTS:
+            raise ValueError(f"target_recalibration.views must be one of {', '.join(VIEW_COUNTS)}, got "
+                             f"{self.views!r}")
+
+
+def as_recalibration_spec(value: RecalibrationSpec | dict | None) -> RecalibrationSpec | None:
+    """The spec from a dict (a checkpoint's hyperparameters, Python callers) or as given."""
+    if value is None or isinstance(value, RecalibrationSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"target_recalibration must be a mapping of {list(RecalibrationSpec.__dataclass_fields__)}"
+                         f", got {value!r}")
+    unknown = sorted(set(value) - set(RecalibrationSpec.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"target_recalibration has unknown key(s) {unknown}; expected some of "
+                         f"{list(RecalibrationSpec.__dataclass_fields__)}")
+    return RecalibrationSpec(**value)
+
+
+class Gaussians(NamedTuple):
+    """Per-position Gaussians, float64: mean [P, D], covariance [P, D, D] (without a detector's ε)."""
+
+    mean: torch.Tensor
+    covariance: torch.Tensor
+
+
+class Moments(NamedTuple):
+    """Per-position sums of n embeddings each, float64: n, Σx [P, D], Σxxᵀ [P, D, D]."""
+
+    count: int
+    feature_sum: torch.Tensor
+    outer_sum: torch.Tensor
+
+    @classmethod
+    def of(cls, embeddings: torch.Tensor) -> Moments:
+        """embeddings [n, P, D] -> their per-position sums."""
+        x = embeddings.to(torch.float64).transpose(0, 1)  # [P, n, D]
+        return cls(embeddings.shape[0], x.sum(1), x.transpose(1, 2) @ x)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.count - other.count, self.feature_sum - other.feature_sum,
+                       self.outer_sum - other.outer_sum)
+
+
+class SafetyVerdict(NamedTuple):
+    """The safety rule's figures: mean held-out NLL per position under the update and under the source."""
+
+    kept: bool
+    adapted_nll: float
+    source_nll: float
+    held_out: str  # what was held out: "shots" or "views"
+
+
+def label_preserving_views(images: torch.Tensor, views: Views) -> torch.Tensor:
+    """[B, C, H, W] -> [V·B, C, H, W], view-major (view v of image b at v·B + b)."""
+    if views == "flips":
+        return torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-2, -1)])
+    return images
+
+
+def shrunk(prior: Gaussians, target: Moments, prior_count: int) -> Gaussians:
+    """Moments of the mixture of the prior Gaussians (weight ``prior_count``) and the target's embeddings."""
+    n0, n = float(prior_count), float(target.count)
+    total = n0 + n
+    target_mean = target.feature_sum / n
+    offset = (target_mean - prior.mean)[:, :, None]
+    mean = (n0 * prior.mean + n * target_mean) / total
+    # In place on one [P, D, D] buffer: S = Σxxᵀ − n·x̄x̄ᵀ, + n₀Σ', + n₀n/(n₀ + n)·δδᵀ, / (n₀ + n).
+    covariance = torch.baddbmm(target.outer_sum, target_mean[:, :, None], target_mean[:, None, :], alpha=-n)
+    covariance.add_(prior.covariance, alpha=n0)
+    covariance.baddbmm_(offset, offset.transpose(1, 2), alpha=n0 * n / total)
+    return Gaussians(mean, covariance.div_(total))
+
+
+def recalibrated(source: Gaussians, target: Moments, spec: RecalibrationSpec) -> Gaussians:
+    """The update of the source Gaussians from the target shots' moments (see the module docstring)."""
+    return shrunk(source, target, spec.prior_count)
+
+
+def mean_nll(gaussians: Gaussians, embeddings: torch.Tensor, eps: float) -> float:
+    """Mean negative log-likelihood per position of embeddings [n, P, D] under N(μ, Σ + ε·I)."""
+    dim = gaussians.mean.shape[-1]
+    covariance = gaussians.covariance + eps * torch.eye(dim, dtype=torch.float64, device=gaussians.mean.device)
+    cholesky = torch.linalg.cholesky(covariance)
+    centred = embeddings.to(torch.float64).permute(1, 2, 0) - gaussians.mean[:, :, None]  # [P, D, n]
+    squared = torch.linalg.solve_triangular(cholesky, centred, upper=False).square().sum(1)  # [P, n]
+    log_det = 2 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [P]
+    return float(0.5 * (squared + log_det[:, None] + dim * math.log(2 * math.pi)).mean())
+
+
+def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec, eps: float) -> SafetyVerdict:
+    """shots [k, V, P, D]: each shot's view embeddings. Leave one shot out (k >= 2) or, at k = 1, refit on one
+    half of the views and score the other half, both ways; keep when the update's mean held-out NLL is lower
+    than the source's. Per-position Gaussians are independent, so an evenly spaced subset of at most
+    ``SAFETY_POSITIONS`` positions estimates the mean NLL at a cost that does not grow with the image size."""
+    k, views, positions = shots.shape[:3]
+    if k == 1 and views == 1:
+        raise ValueError("the safety rule needs two shots or two views of one: set target_recalibration.views "
+                         "to flips for k = 1, or safety false")
+    subset = torch.linspace(0, positions - 1, min(positions, SAFETY_POSITIONS)).round().long().unique()
+    source = Gaussians(source.mean[subset], source.covariance[subset])
+    shots = shots[:, :, subset.to(shots.device)]
+    if k >= 2:
+        held_out_sets = [shots[i] for i in range(k)]
+        everything = Moments.of(shots.flatten(0, 1))
+        fits = [everything - Moments.of(held) for held in held_out_sets]
+        kind = "shots"
+    else:
+        half = views // 2
+        held_out_sets = [shots[0, half:], shots[0, :half]]
+        fits = [Moments.of(shots[0, :half]), Moments.of(shots[0, half:])]
+        kind = "views"
+    adapted = [mean_nll(recalibrated(source, fit, spec), held, eps)
+               for fit, held in zip(fits, held_out_sets, strict=True)]
+    baseline = mean_nll(source, shots.flatten(0, 1), eps)  # every held-out set once: the mean over the folds
+    adapted_nll = sum(adapted) / len(adapted)
+    return SafetyVerdict(adapted_nll < baseline, adapted_nll, baseline, kind)
+
+
+def embed_views(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, views: Views,
+                batch_size: int = 32) -> torch.Tensor:
+    """images [k, 3, H, W] -> per-shot view embeddings [k, V, P, D] (float32), ``embed`` giving [B, D, h, w]."""
+    all_views = label_preserving_views(images, views)  # view-major
+    maps = torch.cat([embed(chunk) for chunk in all_views.split(batch_size)])
+    per_view = maps.flatten(2).transpose(1, 2)  # [V·k, P, D]
+    return per_view.reshape(VIEW_COUNTS[views], images.shape[0], *per_view.shape[1:]).transpose(0, 1)
+
+
+def target_shot_images(datamodule, key: str) -> torch.Tensor:
+    """The DataModule's k unlabelled target shots as images [k, 3, H, W]: only each item's ``image`` is read,
+    never a label or mask. ``key`` (the option that asked for them) is named in the errors."""
+    loader_of = getattr(datamodule, "target_train_dataloader", None)
+    if loader_of is None:
+        raise ValueError(f"{key} needs target normal shots, but {type(datamodule).__name__} has no "
+                         f"target_train_dataloader(); use datamodules.OneClassDataModule with "
+                         f"data.init_args.target_shots k")
+    try:
+        dataset = loader_of().dataset
+    except ValueError as error:
+        raise ValueError(f"{key}: {error} (data.init_args.target_shots)") from error
+    if len(dataset) == 0:
+        raise ValueError(f"{key}: the DataModule's target shots are empty (data.init_args.target_shots)")
+    return torch.stack([dataset[index]["image"] for index in range(len(dataset))])

@@ -1,0 +1,138 @@
+"""Few-shot target recalibration of PaDiM: the update as defined, the safety rule, no target label on the path,
+and the run through cli.py."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cli import main
+from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.target_recalibration import (
+    Gaussians,
+    Moments,
+    RecalibrationSpec,
+    as_recalibration_spec,
+    recalibrated,
+    safety_check,
+    shrunk,
+)
+from lightning_modules.padim import Padim, PadimModel
+from tests.methods import padim_args, results
+from tests.test_real_target import NO_SHIFT, embedded_line_b, logged
+
+
+def random_gaussians(positions: int, dim: int, seed: int = 0) -> Gaussians:
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(positions, dim, dim, generator=generator, dtype=torch.float64)
+    covariance = factor @ factor.transpose(1, 2) / dim + 0.5 * torch.eye(dim, dtype=torch.float64)
+    return Gaussians(torch.randn(positions, dim, generator=generator, dtype=torch.float64), covariance)
+
+
+def test_shrinkage_is_the_mixture_of_the_prior_and_the_shots():
+    prior = random_gaussians(positions=3, dim=4)
+    shots = torch.randn(5, 3, 4, dtype=torch.float64) * 2 + 1  # [n, P, D]
+    update = shrunk(prior, Moments.of(shots), prior_count=7)
+    # The same moments in their second-moment form: E[x] and E[xxᵀ] of the mixture (prior weight 7, each shot 1).
+    mean = (7 * prior.mean + shots.sum(0)) / 12
+    second = (7 * (prior.covariance + prior.mean[:, :, None] * prior.mean[:, None, :])
+              + torch.einsum("npi,npj->pij", shots, shots)) / 12
+    torch.testing.assert_close(update.mean, mean)
+    torch.testing.assert_close(update.covariance, second - mean[:, :, None] * mean[:, None, :])
+    # The shots' weight grows with k: the mean moves further toward them.
+    toward = [(shrunk(prior, Moments.of(shots[:k]), 7).mean - prior.mean).norm() for k in (1, 5)]
+    assert toward[0] < toward[1]
+
+
+def test_padim_statistics_round_trip_through_the_sums():
+    model = PadimModel(BackboneSpec(), [1, 2, 3], num_features=6)
+    model.accumulate(torch.randn(9, 6, 2, 2))
+    before = model.gaussians()
+    update = recalibrated(before, Moments.of(torch.randn(3, 4, 6) + 2), RecalibrationSpec(prior_count=5))
+    model.set_gaussians(update, count=8)
+    after = model.gaussians()
+    torch.testing.assert_close(after.mean, update.mean)
+    torch.testing.assert_close(after.covariance, update.covariance)
+    model.check_statistics()
+
+
+def shifted_shots(offsets: torch.Tensor, views: int = 4, positions: int = 8, dim: int = 5) -> torch.Tensor:
+    """[k, V, P, D]: each shot's views drawn around the source N(0, I) plus that shot's offset."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(offsets.shape[0], views, positions, dim, generator=generator, dtype=torch.float64)
+    return noise + offsets[:, None, None, :]
+
+
+def test_the_safety_rule_keeps_a_consistent_shift_and_declines_shots_that_disagree():
+    source = Gaussians(torch.zeros(8, 5, dtype=torch.float64), torch.eye(5, dtype=torch.float64).expand(8, 5, 5))
+    spec = RecalibrationSpec(prior_count=4)
+    consistent = safety_check(source, shifted_shots(torch.full((4, 5), 3.0, dtype=torch.float64)), spec, 0.01)
+    assert consistent.kept and consistent.adapted_nll < consistent.source_nll and consistent.held_out == "shots"
+    # Harmful: each shot is off in its own direction, so an update fitted on the others misfits the one left out.
+    disagreeing = 6.0 * torch.eye(5, dtype=torch.float64)[:4]
+    harmful = safety_check(source, shifted_shots(disagreeing), spec, 0.01)
+    assert not harmful.kept and harmful.adapted_nll > harmful.source_nll
+    # One shot: half of its views are held out.
+    single = safety_check(source, shifted_shots(torch.full((1, 5), 3.0, dtype=torch.float64)), spec, 0.01)
+    assert single.kept and single.held_out == "views"
+
+
+def test_spec_errors_name_the_key():
+    with pytest.raises(ValueError, match="target_recalibration.prior_count"):
+        RecalibrationSpec(prior_count=0)
+    with pytest.raises(ValueError, match="target_recalibration.views must be one of none, flips, got 'crops'"):
+        RecalibrationSpec(views="crops")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['weight'\]"):
+        as_recalibration_spec({"weight": 3})
+
+
+class LabelGuardedShots(Dataset):
+    """Target shots whose items raise on any key but ``image``: reading a label, mask or defect type fails."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index]
+
+        class Item(dict):
+            def __getitem__(self, key):
+                if key != "image":
+                    raise AssertionError(f"the recalibration read the target shot's {key!r}")
+                return image
+
+        return Item()
+
+
+class ShotsOnly:
+    """A DataModule that has nothing but the unlabelled target shots (no test split to peek at)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def target_train_dataloader(self) -> DataLoader:
+        return DataLoader(LabelGuardedShots(self.images), batch_size=2)
+
+
+def test_recalibration_reads_only_the_shots_images():
+    module = Padim(num_features=8, target_recalibration={"prior_count": 4})
+    module.model.accumulate(module.model.embed(torch.rand(6, 3, 32, 32)))
+    source = module.model.gaussians()
+    module.recalibrate_to_target(ShotsOnly(torch.rand(3, 3, 32, 32) * 0.3 + 0.7))  # brighter: a shifted line
+    assert not torch.equal(module.model.gaussians().mean, source.mean)  # kept: the shots are far from the source
+
+
+def test_recalibrated_padim_through_cli_reports_both_domains(surfaces_root, surfaces_line_b_root, tmp_path):
+    args = [*padim_args(surfaces_root, tmp_path, {}), *embedded_line_b(surfaces_line_b_root), *NO_SHIFT,
+            "--config", str(Path(__file__).resolve().parents[1] / "configs" / "padim" / "target_recalibration.yaml"),
+            "--data.init_args.target_shots", "2", "--run.test_after_fit", "true"]
+    cli = main(["fit", *args])
+    folder = Path(cli.trainer.default_root_dir)
+    assert set(logged(folder, "adapt/kept").values()) <= {0.0, 1.0} and logged(folder, "adapt/kept")
+    found = results(folder)
+    assert {"test/target/image_auroc", "test/source/image_auroc"} <= found.keys()
+    assert cli.model.target_recalibration == RecalibrationSpec(prior_count=64, views="flips", safety=True)
