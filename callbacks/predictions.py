@@ -89,7 +89,9 @@ class PredictionWriter(Callback):
         # value would grow with the folder.
         trainer.predict_loop.return_predictions = False
         run_dir = self._run_dir(trainer)
-        (run_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.overlays:
+            (run_dir / "overlays").mkdir(exist_ok=True)
         with self._part(trainer).open("w", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writeheader()
 
@@ -169,7 +171,7 @@ class PredictionWriter(Callback):
                 low, high = float(raw.min()), float(raw.max())
                 heat = _resized(((raw - low) / max(high - low, 1e-12))[None, None], size, "bilinear")[0, 0].numpy()
                 mask = None
-                legend = self.legend({"pixel_low": low, "pixel_high": high, "pixel_threshold": None}, size[0])
+                legend = _colour_bar(self.colormap, low, None, high, size[0])  # per image: not cached
             colours = self.colormap(heat, bytes=True)[..., :3].astype(np.float32) / 255  # clips to [0, 1]
             blended = (1 - self.alpha) * image + self.alpha * colours
             panels = [image, blended]
@@ -223,10 +225,10 @@ def _colour_bar(colormap, low: float | None, threshold: float | None, high: floa
     else:
         ticks = [0.0, 0.5, 1.0]
         labels = [f"{low + t * (high - low):.3g}" for t in ticks]
-        labels[-1] += "\n(this image;\nno pixel\nthreshold)"
     bar.set_ticks(ticks)
     bar.set_ticklabels(labels, fontsize=7)
-    bar.set_label("anomaly map (raw)", fontsize=7)
+    bar.set_label("anomaly map (raw)" if threshold is not None else "anomaly map (raw), this image's range:\n"
+                  "no pixel threshold", fontsize=7)
     figure.canvas.draw()
     picture = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
     plt.close(figure)

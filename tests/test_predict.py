@@ -149,13 +149,14 @@ class BrightnessDetector(LightningModule):
     """A stand-in for a method: the anomaly map is the image's brightness, the score its mean, and the
     thresholds are fitted on brightness 0..0.5 (so a bright image or area is anomalous)."""
 
-    def __init__(self, maps: bool = True) -> None:
+    def __init__(self, maps: bool = True, pixel_threshold: bool = True) -> None:
         super().__init__()
         self.maps = maps
         self.calibration = ScoreCalibration()
         normal = torch.linspace(0.0, 0.5, 20)
+        pixels = maps and pixel_threshold
         self.calibration.fit(ThresholdSpec(quantile=0.9), normal, torch.zeros(20, dtype=torch.long),
-                             normal.repeat(10) if maps else None, torch.zeros(200, dtype=torch.long) if maps else None)
+                             normal.repeat(10) if pixels else None, torch.zeros(200, dtype=torch.long) if pixels else None)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         brightness = batch["image"].mean(1)
@@ -229,6 +230,16 @@ def test_overlays_show_the_predicted_mask_contour_on_one_colour_scale(surfaces_r
     contour = (spot[top:, :256] != dim[top:, :256]).any(axis=2) & (spot[top:, :256] == 255).all(axis=2)
     rows_with_contour = np.flatnonzero(contour.any(axis=1))
     assert 25 < rows_with_contour.min() < 40 and 215 < rows_with_contour.max() < 230, rows_with_contour
+
+
+def test_maps_without_a_pixel_threshold_are_drawn_on_each_image_s_range(surfaces_root, tmp_path):
+    folder = tmp_path / "one"
+    write_mode(folder / "a.png", "RGB", (40, 40), 0)
+    run_dir = tmp_path / "run"
+    (row,) = predict_with(BrightnessDetector(pixel_threshold=False), one_class_data(surfaces_root, folder), run_dir)
+    assert row["pixel_threshold"] == "" and row["image_threshold"] != ""
+    overlay = np.asarray(Image.open(run_dir / row["overlay"]))
+    assert (overlay[-20:, 300:500] != 255).any()  # the map panel is there, with no contour to draw
 
 
 def test_predict_without_predict_path_names_the_key(surfaces_root, tmp_path):
