@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cli import main
-from tests.methods import QUIET, config
+from tests.methods import QUIET, config, meta_comparer_args
 from tests.toy import ToyDataModule, ToyDetector
 
 RTOL = 1e-4  # the issue's parity bound, relative to the scale of the scores / of the map
@@ -144,6 +144,24 @@ def test_an_unknown_format_is_refused_by_name(fitted, surfaces_root, tmp_path):
 def test_export_needs_a_checkpoint_file(surfaces_root, tmp_path):
     with pytest.raises(ValueError, match="export needs --ckpt_path <checkpoint file>"):
         main(["export", *padim(surfaces_root, tmp_path / "runs"), "--export.out", str(tmp_path / "out")])
+
+
+def test_the_meta_comparer_exports_with_its_reference_bank(surfaces_root, tmp_path):
+    """ONNX holds the bank fitted on the held-out domain's references; a TorchScript trace of it is refused, as it
+    does not follow another batch size."""
+    arguments = meta_comparer_args(surfaces_root, tmp_path / "runs", {})
+    main(["fit", *arguments, "--trainer.max_steps", "2"])
+    checkpoint = next((tmp_path / "runs").glob("meta_comparer/*/version_0/checkpoints/last.ckpt"))
+    cli = export(arguments, checkpoint, "onnx", tmp_path / "onnx")
+    assert cli.model.calibration.domain == "target"  # thresholds from the references, not the source
+    references = cli.datamodule.reference_images()
+    images = torch.cat([references[:2], some_test_images(cli)[:3]])
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert_parity(session.run(None, {"images": images.numpy()}), pytorch_outputs(cli.model, images))
+    with pytest.raises(RuntimeError, match=r"meta_comparer: the torchscript file does not reproduce the PyTorch "
+                                           r"outputs on a batch of 3 images \(traced with 2\).*Use --export.format onnx"):
+        export(arguments, checkpoint, "torchscript", tmp_path / "torchscript")
+    assert not (tmp_path / "torchscript" / "model.pt").exists()
 
 
 class TriangularSolveDetector(ToyDetector):

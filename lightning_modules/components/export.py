@@ -36,6 +36,8 @@ SCORE_OUTPUTS = ("score", "normalised_score")
 MAP_OUTPUTS = ("anomaly_map", "normalised_map")
 #: the batch the graph is traced with, and the (other) batch size it is checked on
 TRACE_BATCH, CHECK_BATCH = 2, 3
+#: largest relative difference from the PyTorch outputs a written file may have (the issue's parity bound)
+PARITY_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
@@ -171,7 +173,10 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> list[np.ndarray]
 
 
 def relative_difference(exported: np.ndarray, reference: np.ndarray) -> float:
-    """max |exported - reference| / max |reference| (the scale of a map or of a batch's scores)."""
+    """max |exported - reference| / max |reference| (the scale of a map or of a batch's scores); inf when the
+    shapes differ."""
+    if exported.shape != reference.shape:
+        return float("inf")
     scale = float(np.abs(reference).max())
     return float(np.abs(exported - reference).max()) / (scale if scale > 0 else 1.0)
 
@@ -238,10 +243,19 @@ def export_model(module: nn.Module, datamodule, checkpoint: str, spec: ExportSpe
     else:
         write_torchscript(model, example, path, description)
     exported = run_exported(path, spec.format, check)
+    differences = {name: relative_difference(out, ref)
+                   for name, out, ref in zip(model.output_names, exported, expected, strict=True)}
+    wrong = {name: value for name, value in differences.items() if not value <= PARITY_TOLERANCE}
+    if wrong:
+        path.unlink()
+        others = ", ".join(f"--export.format {other}" for other in FORMATS if other != spec.format)
+        listed = ", ".join(f"{name} {value:.2g}" for name, value in wrong.items())
+        raise ExportError(f"{description['method']}: the {spec.format} file does not reproduce the PyTorch outputs "
+                          f"on a batch of {CHECK_BATCH} images (traced with {TRACE_BATCH}): max relative difference "
+                          f"{listed} > {PARITY_TOLERANCE:g}; the file is not written. Use {others}")
     description["parity"] = {
         "images": f"{CHECK_BATCH} uniform random images (the graph was traced with {TRACE_BATCH})",
-        "max_relative_difference": {name: relative_difference(out, ref)
-                                    for name, out, ref in zip(model.output_names, exported, expected, strict=True)},
+        "max_relative_difference": differences,
     }
     description["file_bytes"] = path.stat().st_size
     (out_dir / "model.json").write_text(json.dumps(description, indent=2) + "\n")
