@@ -20,7 +20,6 @@ from lightning_modules.components.calibration import (
     ThresholdSpec,
     as_threshold_spec,
     prediction,
-    symmetry_views,
 )
 from lightning_modules.components.metrics import ScoreCollector, image_metrics, pixel_metrics, sample_ids
 
@@ -285,8 +284,8 @@ class AnomalyDetectionModule(ShiftADModule):
 
     def calibrate_on_target_shots(self, datamodule) -> None:
         """``calibrate_on: target_shots``: shifts the thresholds to the target from the DataModule's k unlabelled
-        target normals, each under the 8 symmetries of the square (see ``ScoreCalibration.shift_to_target``).
-        Only the shots' images are read, never their labels."""
+        target normals (see ``ScoreCalibration.shift_to_target``). Only the shots' images are read, never their
+        labels."""
         loader_of = getattr(datamodule, "target_train_dataloader", None)
         if loader_of is None:
             raise ValueError(f"model.init_args.threshold.calibrate_on target_shots needs target normal shots, but "
@@ -300,14 +299,13 @@ class AnomalyDetectionModule(ShiftADModule):
         images = torch.stack([dataset[index]["image"] for index in range(len(dataset))])
         scores, pixels = [], []
         with torch.no_grad():
-            for chunk in symmetry_views(images).split(16):
+            for chunk in images.split(16):
                 chunk_scores, maps = self.anomaly_scores(chunk.to(self.device))
                 scores.append(chunk_scores.float().cpu())
                 if maps is not None:
                     pixels.append(maps.float().flatten().cpu())
         self.calibration.shift_to_target(torch.cat(scores), torch.cat(pixels) if pixels else None, len(dataset))
-        rank_zero_info(f"{type(self).__name__}: thresholds moved to the target from {len(dataset)} target shots "
-                       f"x 8 views")
+        rank_zero_info(f"{type(self).__name__}: thresholds moved to the target from {len(dataset)} target shots")
 
     def on_test_start(self) -> None:
         self.prepare_scoring(self.trainer.datamodule)

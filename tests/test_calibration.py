@@ -15,7 +15,6 @@ from lightning_modules.components.calibration import (
     ThresholdSpec,
     f1_threshold,
     quantile,
-    symmetry_views,
 )
 from lightning_modules.meta_comparer import KNNPatchBaseline
 from lightning_modules.padim import Padim
@@ -141,12 +140,12 @@ def test_target_shots_move_the_thresholds_by_the_shots_location_without_reading_
     detector.ready_thresholds(ShotsData(shots), "predict")
     target = detector.calibration.summary()
     with torch.no_grad():
-        view_scores, view_maps = detector.anomaly_scores(symmetry_views(shots))
-    offset = float(view_scores.double().median()) - source["image_center"]
+        shot_scores, shot_maps = detector.anomaly_scores(shots)
+    offset = float(shot_scores.double().median()) - source["image_center"]
     assert offset > 0  # the brighter line scores higher
     assert target["domain"] == "target" and target["samples"] == 1
     assert target["image_threshold"] == pytest.approx(source["image_threshold"] + offset, rel=1e-5)
-    pixel_offset = float(view_maps.double().median()) - source["pixel_center"]
+    pixel_offset = float(shot_maps.double().median()) - source["pixel_center"]
     assert target["pixel_threshold"] == pytest.approx(source["pixel_threshold"] + pixel_offset, rel=1e-5)
     # The normalisation moved with it: the target threshold maps to 0.5.
     assert float(detector.calibration.normalise_image(torch.tensor([target["image_threshold"]]))) == \

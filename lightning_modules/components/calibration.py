@@ -15,7 +15,7 @@ How thresholds are fitted (``ThresholdSpec``):
   normal pixels. An error where the validation data has no defects.
 - ``manual``: ``image_threshold`` (and optionally ``pixel_threshold``) as given.
 - ``calibrate_on: target_shots``: at test/predict start the fitted thresholds move to the target, from k
-  unlabelled target normals and their 8 square symmetries (see :meth:`ScoreCalibration.shift_to_target`).
+  unlabelled target normals as they are (see :meth:`ScoreCalibration.shift_to_target`).
 
 Normalisation bounds: ``low`` = threshold − spread and ``high`` = threshold + spread, with spread the distance
 from the threshold down to the lowest held-out normal score (|threshold| where there is none: one normal image,
@@ -134,16 +134,6 @@ def _spread(threshold: float, lowest: float | None) -> float:
     if lowest is not None and threshold - lowest > 0:
         return threshold - lowest
     return max(abs(threshold), 1.0)
-
-
-def symmetry_views(images: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, H] -> [8B, C, H, H]: each image under the 8 symmetries of the square (label-preserving for
-    textures and for a normal/defect decision)."""
-    if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"square symmetries need square images, got {tuple(images.shape[-2:])}")
-    views = [torch.rot90(images, turns, dims=(-2, -1)) for turns in range(4)]
-    views += [view.flip(-1) for view in views]
-    return torch.cat(views)
 
 
 #: what the thresholds were fitted by, and on which domain (stored as indices into these)
@@ -308,9 +298,12 @@ class ScoreCalibration(torch.nn.Module):
         """Moves the fitted calibration to the target: every value (threshold, bounds, center) is shifted by
         the median of the target normals' scores minus the median of the source normals' scores.
 
-        The rule needs no target label and is defined at k = 1 (the median over an image's symmetry views):
-        a shift of the score distribution between lines moves the threshold with it, while the width of the
-        normal distribution, which k shots cannot estimate well, stays the source's.
+        The rule needs no target label and is defined at k = 1 (one shot's score is its median): a shift of the
+        score distribution between lines moves the threshold with it, while the width of the normal
+        distribution, which k shots cannot estimate well, stays the source's. The shots are scored as they are,
+        without the square's symmetries: on the embedded brick pair, PaDiM scored the quarter-turned views of
+        10 line-B shots 174-229 against 101-150 unturned (its Gaussians are per position), so views would move
+        the threshold by what the rotation does, not by the line.
         """
         if not self.is_fitted:
             raise ValueError("target_shots recalibration needs fitted source thresholds")
