@@ -66,6 +66,13 @@ def test_rank_metrics_match_scikit_learn(random_scores):
     assert f1_max(scores, target) == pytest.approx(f1_score(y, s >= best_threshold), abs=1e-6)
 
 
+def test_half_precision_scores_rank_like_their_float_values(random_scores):
+    scores, target = random_scores
+    for dtype in (torch.bfloat16, torch.float16):
+        low = scores.to(dtype)
+        assert image_metrics(low, target) == image_metrics(low.float(), target)
+
+
 def test_huge_raw_scores_still_rank(random_scores):
     _, target = random_scores
     order = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(1))

@@ -37,7 +37,10 @@ class ScoreRanking:
     """
 
     def __init__(self, scores: torch.Tensor) -> None:
-        self.scores = scores.detach().flatten().cpu().numpy()
+        flat = scores.detach().flatten().cpu()
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.double()  # numpy has no bfloat16; float64 keeps distinct scores of any dtype distinct
+        self.scores = flat.numpy()
         ranked = np.sort(self.scores)
         run_start = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1]]))
         self.thresholds = ranked[run_start][::-1]
