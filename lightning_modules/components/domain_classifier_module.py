@@ -90,8 +90,12 @@ class DomainClassifierModule(ShiftADModule):
     def prepare_target_evaluation(self) -> None:
         """Runs before target images are scored (AdaBN re-estimates its statistics here)."""
 
+    def defect_probability(self, images: torch.Tensor, domain: str) -> torch.Tensor:
+        """The classifier's score: the probability of a defect, images seen as ``domain`` (source or target)."""
+        return torch.sigmoid(self.model(images, domain).float())
+
     def _collect(self, collector: ScoreCollector, batch: dict, domain: str) -> None:
-        probabilities = torch.sigmoid(self.model(batch["image"], domain).float())
+        probabilities = self.defect_probability(batch["image"], domain)
         collector.update(probabilities, batch["label"], sample_ids(batch["path"]).to(self.device))
 
     def on_validation_epoch_start(self) -> None:
@@ -155,7 +159,7 @@ class DomainClassifierModule(ShiftADModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """The prediction of a predict batch (scored as target images): the defect probability is the score."""
-        probabilities = torch.sigmoid(self.model(batch["image"], "target").float())
+        probabilities = self.defect_probability(batch["image"], "target")
         return prediction(batch, probabilities, None, self.calibration)
 
     def on_test_epoch_start(self) -> None:

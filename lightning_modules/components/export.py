@@ -89,7 +89,7 @@ class InferenceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         calibration = self.module.calibration
         if not self.with_maps:  # the domain classifiers: the defect probability of a target image
-            scores = torch.sigmoid(self.module.model(images, "target").float())
+            scores = self.module.defect_probability(images, "target")
             return scores, calibration.normalise_image(scores)
         scores, maps = self.module.anomaly_scores(images)
         scores, maps = scores.float(), maps.float()
