@@ -22,6 +22,7 @@ from lightning_modules.components.calibration import (
     prediction,
 )
 from lightning_modules.components.metrics import ScoreCollector, image_metrics, pixel_metrics, sample_ids
+from lightning_modules.components.target_recalibration import target_shot_images
 
 #: ``threshold`` may change at test/predict time (its fields as the CLI flattens them, and as a whole).
 THRESHOLD_OPTIONS: dict[str, None] = {"threshold": None,
@@ -286,17 +287,7 @@ class AnomalyDetectionModule(ShiftADModule):
         """``calibrate_on: target_shots``: shifts the thresholds to the target from the DataModule's k unlabelled
         target normals (see ``ScoreCalibration.shift_to_target``). Only the shots' images are read, never their
         labels."""
-        loader_of = getattr(datamodule, "target_train_dataloader", None)
-        if loader_of is None:
-            raise ValueError(f"model.init_args.threshold.calibrate_on target_shots needs target normal shots, but "
-                             f"{type(datamodule).__name__} has no target_train_dataloader(); use "
-                             f"datamodules.OneClassDataModule with data.init_args.target_shots k")
-        try:
-            dataset = loader_of().dataset
-        except ValueError as error:
-            raise ValueError(f"model.init_args.threshold.calibrate_on target_shots: {error} "
-                             f"(data.init_args.target_shots)") from error
-        images = torch.stack([dataset[index]["image"] for index in range(len(dataset))])
+        images = target_shot_images(datamodule, "model.init_args.threshold.calibrate_on target_shots")
         scores, pixels = [], []
         with torch.no_grad():
             for chunk in images.split(16):
@@ -304,8 +295,8 @@ class AnomalyDetectionModule(ShiftADModule):
                 scores.append(chunk_scores.float().cpu())
                 if maps is not None:
                     pixels.append(maps.float().flatten().cpu())
-        self.calibration.shift_to_target(torch.cat(scores), torch.cat(pixels) if pixels else None, len(dataset))
-        rank_zero_info(f"{type(self).__name__}: thresholds moved to the target from {len(dataset)} target shots")
+        self.calibration.shift_to_target(torch.cat(scores), torch.cat(pixels) if pixels else None, len(images))
+        rank_zero_info(f"{type(self).__name__}: thresholds moved to the target from {len(images)} target shots")
 
     def on_test_start(self) -> None:
         self.prepare_scoring(self.trainer.datamodule)
