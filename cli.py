@@ -429,11 +429,14 @@ def main(args: list[str] | None = None) -> ShiftADCLI:
 
 
 def run_command_line() -> None:
+    """``main`` for the shell: a bad value, file or checkpoint (a ``ValueError`` or ``FileNotFoundError``, from
+    the config or from the run) is the first line on stderr, then its traceback."""
     try:
         main()
-    except ConfigError as error:
-        print(f"error: {error}\n", file=sys.stderr)
-        traceback.print_exception(error.__cause__, file=sys.stderr)
+    except (ValueError, FileNotFoundError) as error:
+        message = error if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        print(f"error: {message}\n", file=sys.stderr)
+        traceback.print_exception(error.__cause__ if isinstance(error, ConfigError) else error, file=sys.stderr)
         sys.exit(1)
 
 

@@ -117,6 +117,20 @@ def test_a_missing_root_is_the_first_line_on_stderr(tmp_path):
     ), result.stderr[:2000]
 
 
+@pytest.mark.parametrize("subcommand, options, first_line", [
+    ("export", ["--ckpt_path", "missing.ckpt"],
+     "error: ValueError: export needs --ckpt_path <checkpoint file> of a fitted model, got 'missing.ckpt'"),
+    ("test", ["--ckpt_path", "missing.ckpt"], "error: FileNotFoundError: "),
+])
+def test_an_error_raised_by_our_own_checks_is_the_first_line_on_stderr(tmp_path, subcommand, options, first_line):
+    result = subprocess.run(
+        [sys.executable, "cli.py", subcommand, "--config", "configs/padim/padim_surfaces.yaml", *options,
+         "--run.root", str(tmp_path), "--run.wandb", "false"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0].startswith(first_line), result.stderr[:2000]
+
+
 def test_a_missing_category_is_the_error_raised(make_mvtec, tmp_path):
     root = make_mvtec(categories=("bottle",), train=1, test_good=1, defects={"crack": 1})
     with pytest.raises(ConfigError, match=r"^FileNotFoundError: source domain: mvtec category 'carpet' not found"):
