@@ -11,12 +11,17 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import Description, ShiftADDataModule, safe_tag
 from datamodules.dataset import AnomalyDataset
 from datamodules.domain import UNSET, Domain, ResolvedDomain, as_domain, report_shift, resolve_target
+from datamodules.one_class import TRAIN_ON, TrainOn
 from datamodules.readers import CategorySamples, Sample
 from datamodules.shifts import Shift
-from datamodules.splits import draw_fraction, rng_for, stratified_split
+from datamodules.splits import draw_fraction, draw_shots, hold_out, rng_for, stratified_split
 from datamodules.surfaces import SURFACES_CATEGORIES
 
 SOURCE_DEFAULT = Domain(dataset="surfaces")
+#: where the test-time references come from: OneClassDataModule's ``train_on`` choices
+REFERENCES_FROM: tuple[str, ...] = TRAIN_ON
+_REFERENCES_TAGS = {"source": "refs-source", "target_shots": "refs-shots",
+                    "source+target_shots": "refs-source+shots"}
 
 class EpisodeDataset(Dataset):
     """Query images, each with ``num_references`` normal reference images of the query's own domain.
@@ -77,9 +82,14 @@ class LODODataModule(ShiftADDataModule):
       defect type), as episodes with fixed references.
     - Test (``test_dataloader``, named ``("target",)``): the held-out domain's test images as plain sample
       dicts.
-    - Held-out references (``reference_dataset()``, ``reference_dataloader()``, ``reference_images()``):
-      ``reference_fraction`` of the held-out domain's train normals (drawn by ``seed``); test-time
-      methods (the meta-comparer's references, PaDiM/kNN baselines fitted on them) use exactly these.
+    - Test-time references (``reference_dataset()``, ``reference_dataloader()``, ``reference_images()``),
+      chosen by ``references_from``: ``target`` (``reference_fraction`` of the held-out domain's train
+      normals, drawn by ``seed``), ``target_shots`` (k of them), ``source`` (the source domains' train
+      normals, pooled) or ``source+target_shots`` (both). Test-time methods (the meta-comparer's
+      references, PaDiM/kNN baselines fitted on them) use exactly these. The k shots of fold f are
+      ``OneClassDataModule``'s target shots of the same ``val_fraction``, k, fold, ``num_folds`` and seed: the
+      held-out domain's train normals minus a ``val_fraction`` hold-out, cut into ``num_folds`` disjoint
+      chunks by ``draw_shots``.
 
     Each entry of ``domains`` is a name, a category of ``source``'s dataset and folder under its shift, or a
     full ``Domain`` with its own dataset, root, one category and shift (named ``name``, default its
@@ -95,8 +105,10 @@ class LODODataModule(ShiftADDataModule):
         domains: all domains, the held-out one included; ``None`` = every category of the embedded source.
         held_out: the name of the unseen test domain; must be in ``domains``.
         num_references: normal reference images per training/validation query.
-        reference_fraction: fraction of the held-out domain's train normals used as references, 0.1-1.0.
-        val_fraction: fraction of the source queries held out for validation.
+        reference_fraction: fraction of the held-out domain's train normals used as references, 0.1-1.0
+            (``references_from=target`` only).
+        val_fraction: fraction of the source queries held out for validation (and of the held-out domain's
+            train normals left out of the shot pool, as in ``OneClassDataModule``).
         image_size: side of the square images fed to the model.
         resize_size: resize to this side, then centre-crop ``image_size``; ``None`` resizes directly.
         batch_size: queries per batch.
@@ -104,6 +116,10 @@ class LODODataModule(ShiftADDataModule):
         seed: seed of the validation split, of every reference draw and of the reference fraction.
         style_reference: style photograph replacing the default one of ``fda``/``histmatch``/``pda``.
         predict_path: the images ``predict`` scores: a folder (recursive), an image file or a glob.
+        references_from: ``target``, ``target_shots``, ``source`` or ``source+target_shots``.
+        target_shots: k, the number of held-out normal images used as references (the ``*target_shots`` choices).
+        fold: cross-validation fold of the shot draw, in [0, num_folds).
+        num_folds: number of disjoint shot folds.
     """
 
     test_dataloader_names = ("target",)
@@ -124,6 +140,10 @@ class LODODataModule(ShiftADDataModule):
         seed: int = 0,
         style_reference: str | None = None,
         predict_path: str | None = None,
+        references_from: TrainOn = "target",
+        target_shots: int | None = None,
+        fold: int = 0,
+        num_folds: int = 5,
     ) -> None:
         super().__init__(source, image_size, resize_size, batch_size, num_workers, seed, style_reference,
                          source_needs_category=False, predict_path=predict_path)
@@ -151,6 +171,21 @@ class LODODataModule(ShiftADDataModule):
             raise ValueError(f"reference_fraction must be in [0.1, 1.0], got {reference_fraction}")
         if num_references < 1:
             raise ValueError(f"num_references must be >= 1, got {num_references}")
+        if references_from not in REFERENCES_FROM:
+            raise ValueError(f"references_from must be one of {', '.join(REFERENCES_FROM)}, got {references_from!r}")
+        if references_from != "target" and reference_fraction != 1.0:
+            raise ValueError(f"reference_fraction={reference_fraction} applies to references_from=target only, "
+                             f"got references_from={references_from!r}; leave it at 1.0")
+        with_shots = "target_shots" in references_from
+        if with_shots and target_shots is None:
+            raise ValueError(f"references_from={references_from!r} needs target_shots (k, e.g. 1, 5 or 10)")
+        if not with_shots and target_shots is not None:
+            raise ValueError(f"target_shots={target_shots} is used only by references_from=target_shots or "
+                             f"source+target_shots, got references_from={references_from!r}")
+        if target_shots is not None and target_shots < 1:
+            raise ValueError(f"target_shots must be >= 1, got {target_shots}")
+        if not 0 <= fold < num_folds:
+            raise ValueError(f"fold must be in [0, num_folds={num_folds}), got {fold}")
         self.held_out = held_out
         self.source_domains = [entries[name] for name in self.domains if name != held_out]
         given = as_domain(target)
@@ -162,6 +197,10 @@ class LODODataModule(ShiftADDataModule):
         self.num_references = num_references
         self.reference_fraction = reference_fraction
         self.val_fraction = val_fraction
+        self.references_from = references_from
+        self.target_shots = target_shots
+        self.fold = fold
+        self.num_folds = num_folds
         for domain in self.source_domains:
             domain.resolved.check()
         self.target.check()
@@ -196,17 +235,23 @@ class LODODataModule(ShiftADDataModule):
                                  for split in (samples.train, samples.test)))
 
     def _build(self) -> None:
-        queries, val_queries, normals = [], [], []
+        queries, val_queries, normals, source_references = [], [], [], []
         for entry in self.source_domains:
             domain = entry.resolved
             samples = self._samples(domain)
+            source_references.append((samples.train, domain.shift))
             train, val, _ = stratified_split(samples.train + samples.test, lambda s: s.defect_type,
                                              self.val_fraction, 0.0, self.seed, "lodo-val", entry.name)
             queries.append((train, domain.shift))
             val_queries.append((val, domain.shift))
             normals.append(([s for s in train if s.label == 0], domain.shift))
         held = self._samples(self.target)
-        references = draw_fraction(held.train, self.reference_fraction, self.seed, "references", self.held_out)
+        references = source_references if "source" in self.references_from else []
+        if self.references_from == "target":
+            references = [(draw_fraction(held.train, self.reference_fraction, self.seed, "references", self.held_out),
+                           self.target.shift)]
+        elif "target_shots" in self.references_from:
+            references = references + [(self._shots(held.train), self.target.shift)]
 
         source = self._pooled(normals)
         self.train_dataset = EpisodeDataset(self._pooled(queries), source, self.num_references, self.seed, "train")
@@ -215,22 +260,30 @@ class LODODataModule(ShiftADDataModule):
             raise ValueError(f"{len(self.train_dataset)} training queries are fewer than batch_size={self.batch_size}; "
                              "with drop_last=True there would be no batch")
         self.test_dataset = self._dataset(held.test, self.domains, self.target.shift)
-        self._reference_dataset = self._dataset(references, self.domains, self.target.shift)
+        self._reference_dataset = self._pooled(references)
+
+    def _shots(self, train: list[Sample]) -> list[Sample]:
+        """Fold ``fold``'s k held-out normals, drawn as ``OneClassDataModule`` draws its target shots."""
+        category = self.target.category
+        with self.target.naming():
+            pool, _ = hold_out(train, self.val_fraction, self.seed, "val", category)
+            return draw_shots(pool, self.target_shots, self.fold, self.num_folds, self.seed, category)
 
     def _pooled(self, parts: list[tuple[list[Sample], str]]) -> AnomalyDataset:
-        """The source domains' samples in one dataset, each domain under its own shift."""
+        """The samples of several domains in one dataset, each domain under its own shift."""
         samples = [s for part, _ in parts for s in part]
         shifts = {shift for _, shift in parts}
         if len(shifts) == 1:
             return self._dataset(samples, self.domains, shifts.pop())
         by_domain = {s.domain: Shift(shift, self.style_reference) for part, shift in parts for s in part}
         return AnomalyDataset(samples, self.domains, by_domain, self.image_size, self.resize_size)
+
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._train_loader(self.train_dataset, drop_last=True, epoch_keys=True)
 
     def reference_dataset(self) -> AnomalyDataset:
-        """The held-out domain's reference normals (``reference_fraction`` of its train normals)."""
+        """The test-time reference normals (``references_from``)."""
         self._require_setup()
         return self._reference_dataset
 
@@ -245,7 +298,8 @@ class LODODataModule(ShiftADDataModule):
     def describe(self) -> Description:
         return {**super().describe(), "domains": ",".join(self.domains), "held_out": self.held_out,
                 "held_out_dataset": self.held_out_dataset, "reference_fraction": self.reference_fraction,
-                "num_references": self.num_references, "shots": None, "fold": None}
+                "num_references": self.num_references, "references_from": self.references_from,
+                "shots": self.target_shots, "fold": self.fold if self.target_shots is not None else None}
 
     @property
     def run_tag(self) -> str:
@@ -253,5 +307,8 @@ class LODODataModule(ShiftADDataModule):
         datasets = (source.dataset if target.same_folder_as(source)
                     else f"{source.dataset}-to-{target.folder_tag(source)}")
         shifts = "" if source.shift == target.shift == "none" else f"{source.shift}-to-{target.shift}"
-        return safe_tag(datasets, "lodo", self.held_out, f"ref{round(self.reference_fraction * 100)}", shifts)
+        references = (f"ref{round(self.reference_fraction * 100)}" if self.references_from == "target"
+                      else _REFERENCES_TAGS[self.references_from])
+        shots = f"k{self.target_shots}-f{self.fold}" if self.target_shots is not None else ""
+        return safe_tag(datasets, "lodo", self.held_out, references, shifts, shots)
 

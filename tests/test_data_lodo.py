@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from datamodules import Domain, LODODataModule
+from datamodules import Domain, LODODataModule, OneClassDataModule
 from datamodules.surfaces import SURFACES_CATEGORIES
 
 DOMAINS = ["brick", "grass", "wood"]
@@ -78,3 +78,61 @@ def test_bad_lodo_arguments(surfaces_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="target domain: btad root .*missing.* does not exist"):
         LODODataModule(source=source, domains=["brick", "01"], held_out="01",
                        target=Domain(dataset="btad", root=str(tmp_path / "missing")))
+
+
+def test_shot_references_are_the_images_of_one_class_target_shots(surfaces_root, surfaces_line_b_root):
+    """The k-NN/comparer rows with k shots of fold f see exactly PaDiM's k_only/recalibrated shots."""
+    pair = [Domain(dataset="surfaces", root=str(surfaces_root), category="brick", name="source"),
+            Domain(dataset="surfaces_line_b", root=str(surfaces_line_b_root), category="brick", name="target")]
+    for k, fold, seed in ((1, 0, 0), (2, 1, 0), (2, 4, 3)):
+        lodo = make(surfaces_root, domains=pair, held_out="target", references_from="target_shots", target_shots=k,
+                    fold=fold, seed=seed)
+        one_class = OneClassDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root), category="brick"),
+                                       target=Domain(dataset="surfaces_line_b", root=str(surfaces_line_b_root)),
+                                       image_size=32, train_on="target_shots", target_shots=k, fold=fold, seed=seed)
+        one_class.setup("fit")
+        shots = [s.image_path for s in lodo.reference_dataset().samples]
+        assert len(shots) == k and shots == [s.image_path for s in one_class.target_shots_dataset.samples]
+        assert all(str(surfaces_line_b_root) in path for path in shots)
+        assert lodo.run_tag == f"surfaces-to-surfaces_line_b-lodo-target-refs-shots-k{k}-f{fold}"
+        assert lodo.describe()["references_from"] == "target_shots"
+        assert (lodo.describe()["shots"], lodo.describe()["fold"]) == (k, fold)
+
+
+def test_source_references_pool_the_source_domains_train_normals(surfaces_root):
+    dm = make(surfaces_root, domains=DOMAINS, held_out="wood", references_from="source")
+    references = dm.reference_dataset().samples
+    assert {s.domain for s in references} == {"brick", "grass"}
+    assert all("/train/good/" in s.image_path for s in references)
+    assert len(references) == 24 and dm.reference_images().shape == (24, 3, 32, 32)
+    assert dm.run_tag == "surfaces-lodo-wood-refs-source" and dm.describe()["shots"] is None
+    both = make(surfaces_root, domains=DOMAINS, held_out="wood", references_from="source+target_shots",
+                target_shots=2, fold=1)
+    shots = make(surfaces_root, domains=DOMAINS, held_out="wood", references_from="target_shots", target_shots=2,
+                 fold=1)
+    assert ([s.image_path for s in both.reference_dataset().samples]
+            == [s.image_path for s in references + shots.reference_dataset().samples])
+    assert both.run_tag == "surfaces-lodo-wood-refs-source+shots-k2-f1"
+    tags = {make(surfaces_root, domains=DOMAINS, held_out="wood").run_tag, dm.run_tag, both.run_tag, shots.run_tag}
+    assert len(tags) == 4
+
+
+def test_bad_reference_choices_name_the_key_and_what_is_expected(surfaces_root):
+    source = Domain(dataset="surfaces", root=str(surfaces_root))
+    with pytest.raises(ValueError, match="references_from must be one of source, target_shots, "
+                                         "source\\+target_shots, target, got 'shots'"):
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", references_from="shots")
+    with pytest.raises(ValueError, match="references_from='target_shots' needs target_shots"):
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", references_from="target_shots")
+    with pytest.raises(ValueError, match="target_shots=5 is used only by references_from=target_shots or "
+                                         "source\\+target_shots, got references_from='source'"):
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", references_from="source", target_shots=5)
+    with pytest.raises(ValueError, match="reference_fraction=0.5 applies to references_from=target only"):
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", references_from="source",
+                       reference_fraction=0.5)
+    with pytest.raises(ValueError, match="fold must be in \\[0, num_folds=3\\), got 3"):
+        LODODataModule(source=source, domains=DOMAINS, held_out="wood", references_from="target_shots",
+                       target_shots=1, fold=3, num_folds=3)
+    with pytest.raises(ValueError, match="target domain .*target_shots=12 exceeds the 11 target normals available "
+                                         "in wood"):
+        make(surfaces_root, domains=DOMAINS, held_out="wood", references_from="target_shots", target_shots=12)
