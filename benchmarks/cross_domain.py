@@ -10,7 +10,8 @@ recovers.
 ``ROOT:CATEGORY``: ROOT is an embedded dataset (``surfaces``, ``surfaces_line_b``: built on first use) or a
 folder read as ``--dataset`` (``folder``, ``mvtec``, ``visa``, ``btad``). Every job is ``python cli.py fit`` or
 ``test`` with the method's embedded-data config and the two domains as data keys
-(``--data.init_args.source.root ...``), so any two folders in MVTec layout run with the same recipe.
+(``--data.init_args.source.root ...``; for ``knn`` and ``meta_comparer`` the two entries of LODO's ``domains``,
+named ``source`` and ``target``, the target held out), so any two folders in MVTec layout run with the same recipe.
 
 Settings (rows), each scored on the target's test split (the detectors report the source's test split too):
 
@@ -24,10 +25,20 @@ Settings (rows), each scored on the target's test split (the detectors report th
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
   ``dann``, ``adda`` (unlabelled target train split), ``target_full`` (source-only classifier trained on the
-  target's labelled train split).
+  target's labelled train split);
+- ``knn`` (the k-NN patch baseline, ``configs/meta_comparer/surfaces_knn.yaml``; nothing is trained, every job
+  is a ``test`` that fits its memory bank on LODO's test-time references, ``references_from``):
+  ``source_only`` (the source train normals), ``k_only`` (the k target shots), ``source_plus_k`` (both),
+  ``target_full`` (all target train normals);
+- ``meta_comparer`` (``configs/meta_comparer/surfaces.yaml``): ``source_only`` trains the comparer on the source
+  (LODO with the source as the only training domain, the target held out) and tests it with source references;
+  ``adapted`` (its few-shot protocol: the k target shots as references), ``source_plus_k`` (source normals and
+  the k shots) and ``target_full`` (all target train normals as references) test that same checkpoint with
+  other references. Its ``target_full`` is therefore the source-trained comparer with target references, not
+  a fit on the target.
 
-The k-NN patch baseline is not offered: it takes its references from ``LODODataModule.reference_images()``
-and is fitted on target normals only, so it has no source-only setting.
+The k shots of fold f are the same images in every method (``draw_shots`` of the target's train normals minus
+the validation hold-out, in ``OneClassDataModule`` and ``LODODataModule`` alike).
 
 ``DIR/cross_domain.json`` is the ledger (one record per job, with its metrics, wall and CPU seconds), merged
 after every job; a job already there is skipped, so a cut-off sweep continues where it stopped.
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -70,6 +82,8 @@ SETTINGS = {
     "csflow": ("source_only", "adapted", "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
+    "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
+    "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
 SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted")
 BOUNDS = ("source_only", "target_full")
@@ -77,8 +91,9 @@ BOUNDS = ("source_only", "target_full")
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
 DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
                     "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
+#: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "target_full": "target"}
+            "recalibrated": "source", "adapted": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
@@ -103,13 +118,15 @@ class Domain:
     def __str__(self) -> str:
         return f"{self.root or self.dataset}:{self.category}"
 
+    def spec(self) -> dict[str, str]:
+        """This domain as a DataModule's domain spec, with no synthetic shift (an embedded dataset's root is left
+        unset: the configs set none, and it is resolved from the name)."""
+        root = {"root": str(self.root)} if self.root else {}
+        return {"dataset": self.dataset, **root, "category": self.category, "shift": "none"}
+
     def data_args(self, side: str) -> list[str]:
-        """The DataModule keys that make this domain the ``side`` (source or target), with no synthetic shift
-        (an embedded dataset's root is left unset: the configs set none, and it is resolved from the name)."""
-        prefix = f"--data.init_args.{side}"
-        root = [f"{prefix}.root", str(self.root)] if self.root else []
-        return [f"{prefix}.dataset", self.dataset, *root, f"{prefix}.category", self.category, f"{prefix}.shift",
-                "none"]
+        """The DataModule keys that make this domain the ``side`` (source or target)."""
+        return [arg for key, value in self.spec().items() for arg in (f"--data.init_args.{side}.{key}", value)]
 
 
 @dataclass(frozen=True)
@@ -254,12 +271,41 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
         # One checkpoint at the end and no validation: the table tests the final weights.
         steps = min(int(length[i + 1]) for i, arg in enumerate(length) if arg == "--trainer.max_steps")
         length += ["--checkpoint.every_n_train_steps", str(steps), "--trainer.limit_val_batches", "0"]
-    shots = [] if job.k is None else ["--data.init_args.target_shots", str(job.k), "--data.init_args.fold",
-                                      str(job.fold)]
-    train_on = "target_shots" if job.setting == "adapted" else TRAIN_ON[job.setting]
     return "fit", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
-                   *target.data_args("target"), "--data.init_args.train_on", train_on, *shots, *model, *length,
-                   "--run.test_after_fit", "true"]
+                   *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting], *shots_args(job),
+                   *model, *length, "--run.test_after_fit", "true"]
+
+
+def shots_args(job: Job) -> list[str]:
+    return [] if job.k is None else ["--data.init_args.target_shots", str(job.k), "--data.init_args.fold", str(job.fold)]
+
+
+def lodo_data_args(job: Job, args: argparse.Namespace) -> list[str]:
+    """The pair as LODO's two domains, named ``source`` and ``target`` (their categories may be the same), the
+    target held out, with the references of ``job``'s setting. LODO's ``source`` (no category) is the source's
+    dataset and folder, for the run tag."""
+    source, target = args.source_domain, args.target_domain
+    domains = [{**source.spec(), "name": "source"}, {**target.spec(), "name": "target"}]
+    source_keys = [arg for key, value in source.spec().items() if key != "category"
+                   for arg in (f"--data.init_args.source.{key}", value)]
+    return [*source_keys, "--data.init_args.domains", json.dumps(domains), "--data.init_args.held_out", "target",
+            "--data.init_args.references_from", TRAIN_ON[job.setting], *shots_args(job)]
+
+
+def knn_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
+    """k-NN patch baseline: nothing to train, a ``test`` fits its memory bank on the setting's references."""
+    configs = [CONFIGS / "meta_comparer" / "surfaces_knn.yaml"]
+    return "test", [*common_args(args, configs, run_root_of(job, args)), *lodo_data_args(job, args)]
+
+
+def meta_comparer_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
+    """The comparer is trained once, on the source (``source_only``); every other setting tests the checkpoint
+    that fit tested, with the setting's references."""
+    configs = [CONFIGS / "meta_comparer" / "surfaces.yaml"]
+    common = [*common_args(args, configs, run_root_of(job, args)), *lodo_data_args(job, args)]
+    if job.setting == "source_only":
+        return "fit", [*common, *training_length(configs, args), "--run.test_after_fit", "true"]
+    return "test", [*common, "--ckpt_path", str(source_checkpoint(job, records, "selected"))]
 
 
 def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
@@ -297,8 +343,11 @@ def run_root_of(job: Job, args: argparse.Namespace) -> Path:
     return args.run_root / job.key
 
 
+COMMANDS = {"dann": dann_command, "knn": knn_command, "meta_comparer": meta_comparer_command}
+
+
 def run_job(job: Job, args: argparse.Namespace, records: dict) -> dict:
-    command = dann_command if job.method == "dann" else detector_command
+    command = COMMANDS.get(job.method, detector_command)
     subcommand, arguments = command(job, args, records)
     run = run_cli(subcommand, arguments, run_root_of(job, args))
     kept = logged_last(run.run_dir, KEPT)

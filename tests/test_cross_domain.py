@@ -1,6 +1,7 @@
 """benchmarks/cross_domain.py: its arguments, the gap-recovered arithmetic, the table, resume, and one real run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,56 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
     args.methods = ["dann"]  # the two bounds first: a sweep cut short still has the gap
     assert [job.key for job in jobs_of(args)] == ["dann/source_only", "dann/target_full", "dann/adabn", "dann/dann",
                                                   "dann/adda"]
+    args.methods = ["knn", "meta_comparer"]  # k-NN k_only runs from one shot (a memory bank of one image)
+    assert [job.key for job in jobs_of(args)] == [
+        "knn/source_only", "knn/target_full", "knn/k_only/k1/f0", "knn/source_plus_k/k1/f0", "knn/k_only/k5/f0",
+        "knn/source_plus_k/k5/f0", "knn/k_only/k1/f1", "knn/source_plus_k/k1/f1", "knn/k_only/k5/f1",
+        "knn/source_plus_k/k5/f1",
+        "meta_comparer/source_only", "meta_comparer/target_full", "meta_comparer/adapted/k1/f0",
+        "meta_comparer/source_plus_k/k1/f0", "meta_comparer/adapted/k5/f0", "meta_comparer/source_plus_k/k5/f0",
+        "meta_comparer/adapted/k1/f1", "meta_comparer/source_plus_k/k1/f1", "meta_comparer/adapted/k5/f1",
+        "meta_comparer/source_plus_k/k5/f1"]
+
+
+def test_knn_and_meta_comparer_jobs_are_lodo_runs_whose_references_are_the_setting(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
+                       "--methods", "knn", "meta_comparer", "--scale", "0.5"])
+    domains = json.dumps([{"dataset": "surfaces", "category": "brick", "shift": "none", "name": "source"},
+                          {"dataset": "surfaces_line_b", "category": "brick", "shift": "none", "name": "target"}])
+
+    def command(method, setting, k=None, fold=None, records=None):
+        job = cross_domain.Job(method, setting, k, fold)
+        subcommand, arguments = cross_domain.COMMANDS[method](job, args, records or {})
+        return subcommand, " ".join(arguments)
+
+    for setting, references in (("source_only", "source"), ("target_full", "target")):
+        subcommand, line = command("knn", setting)
+        assert subcommand == "test" and "meta_comparer/surfaces_knn.yaml" in line
+        assert line.endswith(f"--data.init_args.references_from {references}")
+        assert f"--data.init_args.domains {domains} --data.init_args.held_out target" in line
+        assert "--data.init_args.source.dataset surfaces --data.init_args.source.shift none" in line
+    subcommand, line = command("knn", "source_plus_k", 5, 2)
+    assert line.endswith("--data.init_args.references_from source+target_shots --data.init_args.target_shots 5 "
+                         "--data.init_args.fold 2")
+    subcommand, line = command("meta_comparer", "source_only")
+    assert subcommand == "fit" and "meta_comparer/surfaces.yaml" in line
+    assert "--data.init_args.references_from source " in line and "--trainer.max_steps 750" in line
+    assert line.endswith("--run.test_after_fit true")
+    with pytest.raises(RuntimeError, match="meta_comparer/adapted/k1/f0 starts from the meta_comparer source_only fit"):
+        command("meta_comparer", "adapted", 1, 0)
+    run_dir = tmp_path / "source_only_run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "step=250.ckpt"
+    checkpoint.write_bytes(b"")
+    (run_dir / "results.json").write_text(json.dumps({"checkpoint": str(checkpoint), "metrics": {}}))
+    records = {"meta_comparer/source_only": {"run_dir": str(run_dir)}}
+    for setting, references in (("adapted", "target_shots"), ("source_plus_k", "source+target_shots")):
+        subcommand, line = command("meta_comparer", setting, 1, 0, records)
+        assert subcommand == "test" and "max_steps" not in line
+        assert line.endswith(f"--data.init_args.references_from {references} --data.init_args.target_shots 1 "
+                             f"--data.init_args.fold 0 --ckpt_path {checkpoint}")
+    subcommand, line = command("meta_comparer", "target_full", records=records)
+    assert subcommand == "test" and line.endswith(f"--data.init_args.references_from target --ckpt_path {checkpoint}")
 
 
 def test_gap_recovered_is_the_share_of_the_source_to_target_gap():
@@ -168,3 +219,24 @@ def test_two_user_folders_end_to_end(tmp_path):
     recalibrated = records["padim/recalibrated/k1/f0"]
     assert "padim/target_recalibration.yaml" in recalibrated["command"] and recalibrated["adapt/kept"] in (0, 1)
     assert f"padim | recalibrated (kept {recalibrated['adapt/kept']:.0f}/1) | 1 |" in (out / "cross_domain.md").read_text()
+
+
+def test_knn_on_two_user_folders_end_to_end(tmp_path):
+    """Four real cli.py test jobs of the k-NN baseline at 32 px, one per setting, references from one shot."""
+    make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
+    make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
+    out = tmp_path / "out"
+    cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
+                       "--dataset", "folder", "--methods", "knn", "--shots", "1", "--folds", "1", "--image-size", "32",
+                       "--out", str(out)])
+    records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    assert sorted(records) == ["knn/k_only/k1/f0", "knn/source_only", "knn/source_plus_k/k1/f0", "knn/target_full"]
+    for record_ in records.values():
+        assert 0 <= record_["target/image_auroc"] <= 1 and "source/image_auroc" not in record_
+        assert record_["command"].startswith("cli.py test ")
+    tags = {key: Path(r["run_dir"]).parent.name for key, r in records.items()}
+    assert tags == {"knn/source_only": "folder-to-folder_lineB-lodo-target-refs-source",
+                    "knn/target_full": "folder-to-folder_lineB-lodo-target-ref100",
+                    "knn/k_only/k1/f0": "folder-to-folder_lineB-lodo-target-refs-shots-k1-f0",
+                    "knn/source_plus_k/k1/f0": "folder-to-folder_lineB-lodo-target-refs-source+shots-k1-f0"}
+    assert "knn | k_only | 1 |" in (out / "cross_domain.md").read_text()
