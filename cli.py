@@ -131,6 +131,8 @@ def _flatten(values, prefix: str = "") -> dict:
 def _set_nested(values: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
+        if values.get(key) is None:  # an option the checkpoint left unset, or did not have yet
+            values[key] = {}
         values = values[key]
     values[leaf] = value
 
@@ -277,11 +279,17 @@ class ShiftADCLI(LightningCLI):
         """Explicit model arguments that differ from the checkpoint's: the legal test-time ones go into
         ``hparams``; any other stops the command, naming each."""
         stored = _flatten(hparams)
-        differing = {key: (stored[key], value) for key, value in self._explicit_model_args(subcommand).items()
-                     if key in stored and stored[key] != value}
+        options = getattr(model_class, "test_time_options", {}) if subcommand != "fit" else {}
+
+        def checkpoint_has(key: str) -> bool:
+            """The key, or None above it (an unset option), or an option newer than the checkpoint."""
+            parents = [".".join(key.split(".")[:depth]) for depth in range(1, key.count(".") + 1)]
+            return key in stored or any(stored.get(p, "") is None for p in parents) or key in options
+
+        differing = {key: (stored.get(key), value) for key, value in self._explicit_model_args(subcommand).items()
+                     if checkpoint_has(key) and stored.get(key) != value}
         if not differing:
             return
-        options = getattr(model_class, "test_time_options", {}) if subcommand != "fit" else {}
 
         def legal(key: str, change: tuple) -> bool:
             return key in options and (options[key] is None or change in options[key])

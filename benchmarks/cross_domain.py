@@ -21,7 +21,8 @@ Settings (rows), each scored on the target's test split (the detectors report th
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
   kept the update), ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``adapted`` (phase 2 on the k target shots from the
-  source-only checkpoint), ``target_full`` (phase 1 on all target normals);
+  source-only checkpoint), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
+  the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
   ``dann``, ``adda`` (unlabelled target train split), ``target_full`` (source-only classifier trained on the
@@ -79,7 +80,7 @@ TRAINER = CONFIGS / "trainer" / "default.yaml"
 SETTINGS = {
     "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
-    "csflow": ("source_only", "adapted", "target_full"),
+    "csflow": ("source_only", "adapted", "recalibrated", "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
@@ -91,6 +92,10 @@ BOUNDS = ("source_only", "target_full")
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
 DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
                     "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
+RECALIBRATION_CONFIGS = {"padim": "padim/target_recalibration.yaml", "gmm_padim": "padim/target_recalibration.yaml",
+                         "csflow": "csflow/target_recalibration.yaml"}
+#: whose recalibration acts at test time on the source-only checkpoint (PaDiM's is the end of its fit)
+RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
             "recalibrated": "source", "adapted": "target_shots", "target_full": "target"}
@@ -260,7 +265,11 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
     if job.method == "gmm_padim":
         model = ["--model.init_args.backbone.weights", str(args.gmm_backbone)]
     if job.setting == "recalibrated":
-        configs.append(CONFIGS / "padim" / "target_recalibration.yaml")
+        configs.append(CONFIGS / RECALIBRATION_CONFIGS[job.method])
+        if job.method in RECALIBRATED_AT_TEST:
+            return "test", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
+                            *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting],
+                            *shots_args(job), "--ckpt_path", str(source_checkpoint(job, records, "last"))]
     elif job.setting == "adapted":  # phase 2 builds its model from the phase-1 checkpoint
         configs = [CONFIGS / "csflow" / "adapt_gray.yaml"]
         model = ["--model.init_args.source_checkpoint", str(source_checkpoint(job, records, "last"))]

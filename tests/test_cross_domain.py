@@ -67,8 +67,10 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
                          "padim/source_plus_k/k5/f0", "padim/recalibrated/k5/f0", "padim/source_plus_k/k1/f1",
                          "padim/recalibrated/k1/f1"]
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
-    assert keys[-6:] == ["csflow/source_only", "csflow/target_full", "csflow/adapted/k1/f0", "csflow/adapted/k5/f0",
-                         "csflow/adapted/k1/f1", "csflow/adapted/k5/f1"]
+    assert keys[-10:] == ["csflow/source_only", "csflow/target_full", "csflow/adapted/k1/f0",
+                          "csflow/recalibrated/k1/f0", "csflow/adapted/k5/f0", "csflow/recalibrated/k5/f0",
+                          "csflow/adapted/k1/f1", "csflow/recalibrated/k1/f1", "csflow/adapted/k5/f1",
+                          "csflow/recalibrated/k5/f1"]
     args.methods = ["dann"]  # the two bounds first: a sweep cut short still has the gap
     assert [job.key for job in jobs_of(args)] == ["dann/source_only", "dann/target_full", "dann/adabn", "dann/dann",
                                                   "dann/adda"]
@@ -195,6 +197,24 @@ def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_p
     with pytest.raises(SystemExit, match="holds jobs of other settings"):
         cross_domain.main(argv)
     assert calls == ["dann/source_only"]
+
+
+def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
+                       "--methods", "csflow"])
+    job = cross_domain.Job("csflow", "recalibrated", 5, 1)
+    with pytest.raises(RuntimeError, match="csflow/recalibrated/k5/f1 starts from the csflow source_only fit"):
+        cross_domain.detector_command(job, args, {})
+    checkpoint = tmp_path / "source_only_run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    subcommand, arguments = cross_domain.detector_command(
+        job, args, {"csflow/source_only": {"run_dir": str(checkpoint.parents[1])}})
+    line = " ".join(arguments)
+    assert subcommand == "test" and "max_steps" not in line
+    assert "csflow/source_surfaces.yaml --config " in line and "csflow/target_recalibration.yaml" in line
+    assert line.endswith(f"--data.init_args.train_on source --data.init_args.target_shots 5 --data.init_args.fold 1 "
+                         f"--ckpt_path {checkpoint}")
 
 
 def test_two_user_folders_end_to_end(tmp_path):

@@ -1,5 +1,5 @@
-"""Few-shot target recalibration of PaDiM: the update as defined, the safety rule, no target label on the path,
-and the run through cli.py."""
+"""Few-shot target recalibration of PaDiM and CS-Flow: the update as defined, the safety rule, no target label
+on the path, and the runs through cli.py."""
 
 from pathlib import Path
 
@@ -14,12 +14,14 @@ from lightning_modules.components.target_recalibration import (
     Moments,
     RecalibrationSpec,
     as_recalibration_spec,
+    flow_output_recalibration,
     recalibrated,
     safety_check,
     shrunk,
 )
+from lightning_modules.csflow import CSFlow
 from lightning_modules.padim import Padim, PadimModel
-from tests.methods import padim_args, results
+from tests.methods import csflow_args, padim_args, results
 from tests.test_real_target import NO_SHIFT, embedded_line_b, logged
 
 
@@ -136,3 +138,48 @@ def test_recalibrated_padim_through_cli_reports_both_domains(surfaces_root, surf
     found = results(folder)
     assert {"test/target/image_auroc", "test/source/image_auroc"} <= found.keys()
     assert cli.model.target_recalibration == RecalibrationSpec(prior_count=64, views="flips", safety=True)
+
+
+def test_flow_output_standardisation_moves_n01_toward_the_shots_and_declines_disagreeing_ones():
+    spec = RecalibrationSpec(prior_count=3)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 4), (2, 2), (1, 1)]
+    shifted = [torch.randn(4, 4, 5, h, w, generator=generator, dtype=torch.float64) * 2 + 3 for h, w in shapes]
+    standardisation, verdict = flow_output_recalibration(shifted, spec)
+    assert verdict.kept and verdict.held_out == "shots"
+    for z, mean in zip(shifted, standardisation.mean, strict=True):
+        positions = z.shape[-1] * z.shape[-2]
+        samples = z.permute(2, 0, 1, 3, 4).flatten(1)  # [C, k·V·h·w]
+        # the prior N(0, 1) counts as prior_count images of h·w positions
+        expected = samples.sum(1) / (spec.prior_count * positions + samples.shape[1])
+        torch.testing.assert_close(mean, expected.float())
+    # Each shot off in its own channel: an update fitted on the others misfits the one left out.
+    disagreeing = [torch.randn(4, 4, 5, h, w, generator=generator, dtype=torch.float64) for h, w in shapes]
+    for z in disagreeing:
+        for shot in range(4):
+            z[shot, :, shot] += 8.0
+    _, harmful = flow_output_recalibration(disagreeing, spec)
+    assert not harmful.kept and harmful.adapted_nll > harmful.source_nll
+
+
+def test_csflow_checkpoint_is_recalibrated_at_test_time_through_cli(surfaces_root, surfaces_line_b_root, tmp_path):
+    source_args = csflow_args(surfaces_root, tmp_path, {})
+    fitted = main(["fit", *source_args, "--trainer.max_steps", "4"])
+    checkpoint = Path(fitted.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    assert fitted.model.hparams["target_recalibration"] is None
+    # A checkpoint from before the option existed: the key is absent, not None.
+    older = torch.load(checkpoint, weights_only=True)
+    del older["hyper_parameters"]["target_recalibration"]
+    torch.save(older, tmp_path / "older.ckpt")
+    config = Path(__file__).resolve().parents[1] / "configs" / "csflow" / "target_recalibration.yaml"
+    for path in (checkpoint, tmp_path / "older.ckpt"):
+        tested = main(["test", *source_args, *embedded_line_b(surfaces_line_b_root), *NO_SHIFT, "--config",
+                       str(config), "--data.init_args.target_shots", "2", "--ckpt_path", str(path)])
+        module = tested.model
+        assert isinstance(module, CSFlow) and module.target_recalibration == RecalibrationSpec()
+        folder = Path(tested.trainer.default_root_dir)
+        kept = logged(folder, "adapt/kept")
+        assert kept and set(kept.values()) <= {0.0, 1.0}
+        assert (module.model.z_mean_0 is not None) == (list(kept.values())[-1] == 1.0)
+        assert {"test/target/image_auroc", "test/source/image_auroc"} <= results(folder).keys()
+        assert module.calibration.is_fitted  # refitted on the validation split under the standardisation

@@ -15,13 +15,18 @@ and compares the held-out embeddings' mean Gaussian negative log-likelihood unde
 source statistics. The NLL, unlike the Mahalanobis distance alone, also charges a covariance inflated to
 swallow everything (its log-determinant). The update is kept only when it explains held-out shots better.
 Only the shots' images are read, never a label.
+
+A normalizing flow (CS-Flow) has no fitted statistics to move: it maps source features onto N(0, I). There the
+same update acts behind the frozen flow: per scale and channel, the prior is the flow's N(0, 1), the evidence is
+the shots' flow outputs z at every position of every view, and the scores read z standardised by the update,
+(z − μ)/σ. The same held-out rule decides; the flow's log-determinant is common to both sides and cancels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -53,6 +58,11 @@ class RecalibrationSpec:
         if self.views not in VIEW_COUNTS:
             raise ValueError(f"target_recalibration.views must be one of {', '.join(VIEW_COUNTS)}, got "
                              f"{self.views!r}")
+
+
+#: ``target_recalibration`` may be set at test/predict time where it acts then (as a whole and field by field).
+RECALIBRATION_OPTIONS: dict[str, None] = {"target_recalibration": None, **{
+    f"target_recalibration.{name}": None for name in RecalibrationSpec.__dataclass_fields__}}
 
 
 def as_recalibration_spec(value: RecalibrationSpec | dict | None) -> RecalibrationSpec | None:
@@ -169,13 +179,59 @@ def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec
     return SafetyVerdict(adapted_nll < baseline, adapted_nll, baseline, kind)
 
 
+class Standardisation(NamedTuple):
+    """Per-scale flow-output standardisation z -> (z − mean)/std: mean and std [C] of each scale, float32."""
+
+    mean: list[torch.Tensor]
+    std: list[torch.Tensor]
+
+
+def flow_output_recalibration(shots_z: list[torch.Tensor], spec: RecalibrationSpec
+                              ) -> tuple[Standardisation, SafetyVerdict]:
+    """shots_z: per scale, the flow outputs of the shots' views [k, V, C, h, w] -> the standardisation that
+    moves each channel's N(0, 1) toward the shots (the prior weighted as ``prior_count`` images: prior_count·h·w
+    samples at a scale of h·w positions), and the safety rule's verdict on it. The verdict pools the scales,
+    each weighted by its positions (its share of the image score's elements)."""
+    standardisation, adapted, source, weights, kinds = Standardisation([], []), 0.0, 0.0, 0, set()
+    for z in shots_z:
+        k, views, channels, height, width = z.shape
+        positions = height * width
+        # [k, V·h·w, C, 1]: every position of every view is one sample of each channel, view-major.
+        samples = z.to(torch.float64).permute(0, 1, 3, 4, 2).reshape(k, views * positions, channels, 1)
+        prior = Gaussians(torch.zeros(channels, 1, dtype=torch.float64, device=z.device),
+                          torch.ones(channels, 1, 1, dtype=torch.float64, device=z.device))
+        scale_spec = replace(spec, prior_count=spec.prior_count * positions)
+        verdict = safety_check(prior, samples, scale_spec, eps=0.0)
+        adapted, source = adapted + positions * verdict.adapted_nll, source + positions * verdict.source_nll
+        weights += positions
+        kinds.add(verdict.held_out)
+        update = recalibrated(prior, Moments.of(samples.flatten(0, 1)), scale_spec)
+        standardisation.mean.append(update.mean[:, 0].float())
+        standardisation.std.append(update.covariance[:, 0, 0].sqrt().float())
+    adapted, source = adapted / weights, source / weights
+    return standardisation, SafetyVerdict(adapted < source, adapted, source, kinds.pop())
+
+
+def per_shot(view_major: torch.Tensor, views: Views) -> torch.Tensor:
+    """[V·k, ...] in the order of ``label_preserving_views`` -> [k, V, ...]."""
+    return view_major.reshape(VIEW_COUNTS[views], -1, *view_major.shape[1:]).transpose(0, 1)
+
+
 def embed_views(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, views: Views,
                 batch_size: int = 32) -> torch.Tensor:
     """images [k, 3, H, W] -> per-shot view embeddings [k, V, P, D] (float32), ``embed`` giving [B, D, h, w]."""
     all_views = label_preserving_views(images, views)  # view-major
     maps = torch.cat([embed(chunk) for chunk in all_views.split(batch_size)])
-    per_view = maps.flatten(2).transpose(1, 2)  # [V·k, P, D]
-    return per_view.reshape(VIEW_COUNTS[views], images.shape[0], *per_view.shape[1:]).transpose(0, 1)
+    return per_shot(maps.flatten(2).transpose(1, 2), views)  # [k, V, P, D]
+
+
+def verdict_summary(verdict: SafetyVerdict, kept: bool, spec: RecalibrationSpec, shots: int) -> tuple[str, dict]:
+    """The decision as a log line and as the ``adapt/`` metrics a run logs once."""
+    line = (f"target recalibration from {shots} shots x {VIEW_COUNTS[spec.views]} views: "
+            f"{'kept' if kept else 'declined, source kept'} (held-out {verdict.held_out} NLL: updated "
+            f"{verdict.adapted_nll:.3f}, source {verdict.source_nll:.3f}{'' if spec.safety else '; safety rule off'})")
+    return line, {"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
+                  "adapt/heldout_nll_source": verdict.source_nll}
 
 
 def target_shot_images(datamodule, key: str) -> torch.Tensor:

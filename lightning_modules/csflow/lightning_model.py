@@ -7,20 +7,37 @@ paper 001 are this same module on other training sets (source, full target, k ta
 Phase 2, :class:`CSFlowAdaptation`: a phase-1 checkpoint is loaded, the flow and the later extractor blocks
 are frozen, and the first N MBConv blocks minimise the same NLL on the k target normal shots, so the flow
 (a density of *source* features) pulls the target features back onto the source manifold.
+
+Either phase may add ShiftAD's target recalibration (``target_recalibration``, also at test/predict time on a
+checkpoint): the frozen flow's outputs are standardised toward k unlabelled target shots before scoring, kept or
+declined by a held-out check on the shots (``components.target_recalibration``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.target_recalibration import (
+    RECALIBRATION_OPTIONS,
+    RecalibrationSpec,
+    as_recalibration_spec,
+    flow_output_recalibration,
+    label_preserving_views,
+    per_shot,
+    target_shot_images,
+    verdict_summary,
+)
 from lightning_modules.components.torch_files import load_torch_file
 from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
+
+log = logging.getLogger(__name__)
 
 
 def _as_spec(backbone: BackboneSpec | dict) -> BackboneSpec:
@@ -58,9 +75,49 @@ class FeatureCache:
 
 
 class CSFlowDetector(AnomalyDetectionModule):
-    """What both phases share: the NLL step, validation NLL and the test-time scores."""
+    """What both phases share: the NLL step, validation NLL, the test-time scores and target recalibration.
+
+    Args:
+        target_recalibration: if set (``RecalibrationSpec``), at test/predict/export start the flow outputs are
+            standardised toward the DataModule's k unlabelled target shots (``data.init_args.target_shots``),
+            unless the safety rule declines (``adapt/kept``); the thresholds are then refitted on the validation
+            split under the standardisation.
+    """
 
     model: CSFlowModel
+    test_time_options = {**AnomalyDetectionModule.test_time_options, **RECALIBRATION_OPTIONS}
+
+    def __init__(self, *args, target_recalibration: RecalibrationSpec | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.target_recalibration = as_recalibration_spec(target_recalibration)
+
+    def prepare_scoring(self, datamodule) -> None:
+        self.model.set_output_standardisation(None, None)
+        if self.target_recalibration is not None:
+            self.recalibrate_to_target(datamodule)
+
+    @torch.no_grad()
+    def recalibrate_to_target(self, datamodule) -> bool:
+        """Standardises the flow outputs toward the k target shots' views unless the safety rule declines;
+        returns whether it was kept. Reads the shots' images only."""
+        spec = self.target_recalibration
+        images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
+        views = label_preserving_views(images, spec.views)
+        chunks = [self.model.flow(self.model.features(chunk))[0] for chunk in views.split(16)]
+        z = [torch.cat(scale) for scale in zip(*chunks, strict=True)]
+        self.check_finite({"target shot flow output": torch.cat([t.flatten() for t in z])})
+        standardisation, verdict = flow_output_recalibration([per_shot(t, spec.views) for t in z], spec)
+        kept = verdict.kept or not spec.safety
+        if kept:
+            self.model.set_output_standardisation(standardisation.mean, standardisation.std)
+            # The checkpoint's thresholds were fitted on unstandardised scores.
+            if not self.fit_thresholds_on_validation(datamodule):
+                self.calibration.reset()
+        line, metrics = verdict_summary(verdict, kept, spec, len(images))
+        log.info(line)
+        if self._trainer is not None and self.trainer.testing:
+            self.log_dict(metrics, rank_zero_only=True, on_step=False, on_epoch=True)
+        return kept
 
     def setup(self, stage: str) -> None:
         data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer is not None else None

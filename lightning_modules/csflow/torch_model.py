@@ -3,6 +3,7 @@
 Paper 001 (few-shot adaptation of CS-Flow to a domain shift) and Rudolph et al. (CS-Flow):
 y_s = f_FE(x at scale s) for s in (1, 1/2, 1/4); (z, log|det J|) = f_NF(y);
 NLL = (0.5·Σz² − log|det J|) / D per sample; image score = mean z²/2; map = channel-mean z² (largest scale).
+The scores may read z standardised per scale and channel, (z − μ)/σ (ShiftAD's target recalibration).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class CSFlowModel(nn.Module):
         if min(min(shape[1:]) for shape in shapes) < 1:
             raise ValueError(f"image_size={image_size} is too small for layer {layer!r}: feature shapes {shapes}")
         self.flow = CrossScaleFlow(shapes, hidden_channels, kernel_sizes, clamp)
+        # Not in the state dict: a standardisation is fitted from a run's target shots, not trained.
+        for scale in range(len(SCALES)):
+            self.register_buffer(f"z_mean_{scale}", None, persistent=False)
+            self.register_buffer(f"z_std_{scale}", None, persistent=False)
 
     def _probe_shapes(self, image_size: int) -> list[torch.Tensor]:
         was_training = self.extractor.training
@@ -71,8 +76,23 @@ class CSFlowModel(nn.Module):
         squared = sum(t.pow(2).flatten(1).sum(1) for t in z)
         return (0.5 * squared - log_det) / self.flow.dims
 
+    def set_output_standardisation(self, mean: Sequence[torch.Tensor] | None, std: Sequence[torch.Tensor] | None
+                                   ) -> None:
+        """The scores read (z − mean)/std per scale (each [C]); None: z as the flow gives it."""
+        for scale in range(len(SCALES)):
+            setattr(self, f"z_mean_{scale}", None if mean is None else mean[scale].detach().clone())
+            setattr(self, f"z_std_{scale}", None if std is None else std[scale].detach().clone())
+
+    def standardised(self, z: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.z_mean_0 is None:
+            return list(z)
+        return [(t - getattr(self, f"z_mean_{scale}")[:, None, None]) / getattr(self, f"z_std_{scale}")[:, None, None]
+                for scale, t in enumerate(z)]
+
     def anomaly_scores(self, z: Sequence[torch.Tensor], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image score = mean of z²/2 over every scale [B], map = channel-mean z² of scale 1 upsampled [B, H, W])."""
+        """(image score = mean of z²/2 over every scale [B], map = channel-mean z² of scale 1 upsampled [B, H, W]),
+        of z standardised when a standardisation is set."""
+        z = self.standardised(z)
         scores = 0.5 * torch.cat([t.pow(2).flatten(1) for t in z], dim=1).mean(1)
         maps = z[0].pow(2).mean(1, keepdim=True)
         maps = F.interpolate(maps, size=image_size, mode="bilinear", align_corners=False)[:, 0]

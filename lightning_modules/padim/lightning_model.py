@@ -19,6 +19,7 @@ from lightning_modules.components.target_recalibration import (
     recalibrated,
     safety_check,
     target_shot_images,
+    verdict_summary,
 )
 from lightning_modules.padim.torch_model import PadimModel
 
@@ -116,13 +117,10 @@ class Padim(AnomalyDetectionModule):
         if kept:
             update = recalibrated(source, Moments.of(shots.flatten(0, 1)), spec)
             self.model.set_gaussians(update, spec.prior_count + shots.shape[0] * shots.shape[1])
-        log.info("target recalibration from %d shots x %d views: %s (held-out %s NLL per position: updated %.2f, "
-                 "source %.2f%s)", shots.shape[0], shots.shape[1], "kept" if kept else "declined, source kept",
-                 verdict.held_out, verdict.adapted_nll, verdict.source_nll,
-                 "" if spec.safety else "; safety rule off")
-        self.log_dict({"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
-                       "adapt/heldout_nll_source": verdict.source_nll}, rank_zero_only=True, on_step=False,
-                      on_epoch=True)  # one value per fit, written at the epoch's end whatever log_every_n_steps
+        line, metrics = verdict_summary(verdict, kept, spec, shots.shape[0])
+        log.info(line)
+        # one value per fit, written at the epoch's end whatever log_every_n_steps
+        self.log_dict(metrics, rank_zero_only=True, on_step=False, on_epoch=True)
         return kept
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
