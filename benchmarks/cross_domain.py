@@ -264,17 +264,17 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
     model = []
     if job.method == "gmm_padim":
         model = ["--model.init_args.backbone.weights", str(args.gmm_backbone)]
+    elif job.method == "csflow" and args.image_size is not None:  # the flow is built for one image size
+        model = ["--model.init_args.image_size", str(args.image_size)]
     if job.setting == "recalibrated":
         configs.append(CONFIGS / RECALIBRATION_CONFIGS[job.method])
         if job.method in RECALIBRATED_AT_TEST:
             return "test", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
                             *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting],
-                            *shots_args(job), "--ckpt_path", str(source_checkpoint(job, records, "last"))]
+                            *shots_args(job), *model, "--ckpt_path", str(source_checkpoint(job, records, "last"))]
     elif job.setting == "adapted":  # phase 2 builds its model from the phase-1 checkpoint
         configs = [CONFIGS / "csflow" / "adapt_gray.yaml"]
         model = ["--model.init_args.source_checkpoint", str(source_checkpoint(job, records, "last"))]
-    elif job.method == "csflow" and args.image_size is not None:
-        model = ["--model.init_args.image_size", str(args.image_size)]
     length = training_length(configs, args)
     if job.method == "csflow" and job.setting != "adapted":
         # One checkpoint at the end and no validation: the table tests the final weights.

@@ -201,7 +201,7 @@ def test_resume_skips_finished_jobs_and_refuses_a_ledger_of_other_settings(tmp_p
 
 def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp_path):
     args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
-                       "--methods", "csflow"])
+                       "--methods", "csflow", "--image-size", "128"])
     job = cross_domain.Job("csflow", "recalibrated", 5, 1)
     with pytest.raises(RuntimeError, match="csflow/recalibrated/k5/f1 starts from the csflow source_only fit"):
         cross_domain.detector_command(job, args, {})
@@ -213,8 +213,9 @@ def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp
     line = " ".join(arguments)
     assert subcommand == "test" and "max_steps" not in line
     assert "csflow/source_surfaces.yaml --config " in line and "csflow/target_recalibration.yaml" in line
+    # the checkpoint's flow size, which the config's image_size (160) would contradict
     assert line.endswith(f"--data.init_args.train_on source --data.init_args.target_shots 5 --data.init_args.fold 1 "
-                         f"--ckpt_path {checkpoint}")
+                         f"--model.init_args.image_size 128 --ckpt_path {checkpoint}")
 
 
 def test_two_user_folders_end_to_end(tmp_path):

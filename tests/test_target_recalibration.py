@@ -176,7 +176,7 @@ def test_csflow_checkpoint_is_recalibrated_at_test_time_through_cli(surfaces_roo
         tested = main(["test", *source_args, *embedded_line_b(surfaces_line_b_root), *NO_SHIFT, "--config",
                        str(config), "--data.init_args.target_shots", "2", "--ckpt_path", str(path)])
         module = tested.model
-        assert isinstance(module, CSFlow) and module.target_recalibration == RecalibrationSpec()
+        assert isinstance(module, CSFlow) and module.target_recalibration == RecalibrationSpec(prior_count=2)
         folder = Path(tested.trainer.default_root_dir)
         kept = logged(folder, "adapt/kept")
         assert kept and set(kept.values()) <= {0.0, 1.0}
