@@ -308,13 +308,14 @@ def knn_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str,
 
 
 def meta_comparer_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
-    """The comparer is trained once, on the source (``source_only``); every other setting tests the checkpoint
-    that fit tested, with the setting's references."""
+    """The comparer is trained once, on the source (``source_only``); every other setting tests the weights that
+    fit tested, with the setting's references (its config monitors nothing: the test after fit scored the final
+    weights, ``last.ckpt``)."""
     configs = [CONFIGS / "meta_comparer" / "surfaces.yaml"]
     common = [*common_args(args, configs, run_root_of(job, args)), *lodo_data_args(job, args)]
     if job.setting == "source_only":
         return "fit", [*common, *training_length(configs, args), "--run.test_after_fit", "true"]
-    return "test", [*common, "--ckpt_path", str(source_checkpoint(job, records, "selected"))]
+    return "test", [*common, "--ckpt_path", str(source_checkpoint(job, records, "last"))]
 
 
 def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
