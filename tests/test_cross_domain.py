@@ -261,3 +261,19 @@ def test_knn_on_two_user_folders_end_to_end(tmp_path):
                     "knn/k_only/k1/f0": "folder-to-folder_lineB-lodo-target-refs-shots-k1-f0",
                     "knn/source_plus_k/k1/f0": "folder-to-folder_lineB-lodo-target-refs-source+shots-k1-f0"}
     assert "knn | k_only | 1 |" in (out / "cross_domain.md").read_text()
+
+
+def test_meta_comparer_shot_job_tests_the_source_fit_end_to_end(tmp_path):
+    """A 2-step comparer fit on one user folder, then its checkpoint tested with one target shot as references."""
+    make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
+    make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
+    out = tmp_path / "out"
+    cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
+                       "--dataset", "folder", "--methods", "meta_comparer", "--settings", "source_only", "adapted",
+                       "--shots", "1", "--folds", "1", "--image-size", "64", "--max-steps", "2", "--out", str(out)])
+    records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    assert sorted(records) == ["meta_comparer/adapted/k1/f0", "meta_comparer/source_only"]
+    source_fit = Path(records["meta_comparer/source_only"]["run_dir"])
+    assert records["meta_comparer/adapted/k1/f0"]["command"].endswith(
+        f"--ckpt_path {source_fit / 'checkpoints' / 'last.ckpt'}")
+    assert all(0 <= r["target/image_auroc"] <= 1 for r in records.values())
