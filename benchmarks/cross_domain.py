@@ -20,7 +20,8 @@ Settings (rows), each scored on the target's test split (the detectors report th
   (source normals and the k shots), ``recalibrated`` (the source fit, then ShiftAD's target recalibration from
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
   kept the update), ``target_full`` (all target normals);
-- ``csflow``: ``source_only`` (phase 1 on the source), ``adapted`` (phase 2 on the k target shots from the
+- ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
+  on the source normals and the k shots), ``adapted`` (phase 2 on the k target shots from the
   source-only checkpoint), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
   the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
@@ -80,7 +81,7 @@ TRAINER = CONFIGS / "trainer" / "default.yaml"
 SETTINGS = {
     "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
-    "csflow": ("source_only", "adapted", "recalibrated", "target_full"),
+    "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "recalibrated", "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
