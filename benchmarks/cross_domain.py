@@ -7,6 +7,9 @@ recovers.
     python benchmarks/cross_domain.py --dataset folder --source /data/lineA:pcb --target /data/lineB:pcb \\
         --methods padim csflow --out runs/line_a_to_b
 
+    python benchmarks/cross_domain.py --source surfaces:brick --target surfaces:brick --target-shift coljit \
+        --methods padim csflow --out runs/brick_coljit      # a synthetic shift: the same images, colour-jittered
+
 ``ROOT:CATEGORY``: ROOT is an embedded dataset (``surfaces``, ``surfaces_line_b``: built on first use) or a
 folder read as ``--dataset`` (``folder``, ``mvtec``, ``visa``, ``btad``). Every job is ``python cli.py fit`` or
 ``test`` with the method's embedded-data config and the two domains as data keys
@@ -56,7 +59,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -72,6 +75,7 @@ from benchmarks.runner import (  # noqa: E402
     run_cli,
     tested_checkpoint,
 )
+from datamodules.shifts import SHIFT_NAMES  # noqa: E402
 from datamodules.surfaces import EMBEDDED_DATASETS, SURFACES_CATEGORIES, default_embedded_root  # noqa: E402
 
 FOLDER_DATASETS = ("folder", "mvtec", "visa", "btad")
@@ -120,15 +124,17 @@ class Domain:
     dataset: str
     root: Path | None  # None for an embedded dataset
     category: str
+    shift: str = "none"  # a synthetic shift of the images (``--source-shift``/``--target-shift``)
 
     def __str__(self) -> str:
-        return f"{self.root or self.dataset}:{self.category}"
+        shift = "" if self.shift == "none" else f"+{self.shift}"
+        return f"{self.root or self.dataset}:{self.category}{shift}"
 
     def spec(self) -> dict[str, str]:
-        """This domain as a DataModule's domain spec, with no synthetic shift (an embedded dataset's root is left
-        unset: the configs set none, and it is resolved from the name)."""
+        """This domain as a DataModule's domain spec (an embedded dataset's root is left unset: the configs set
+        none, and it is resolved from the name)."""
         root = {"root": str(self.root)} if self.root else {}
-        return {"dataset": self.dataset, **root, "category": self.category, "shift": "none"}
+        return {"dataset": self.dataset, **root, "category": self.category, "shift": self.shift}
 
     def data_args(self, side: str) -> list[str]:
         """The DataModule keys that make this domain the ``side`` (source or target)."""
@@ -177,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", required=True, help="ROOT:CATEGORY of the target domain")
     parser.add_argument("--dataset", default="folder", choices=FOLDER_DATASETS,
                         help="layout of a ROOT that is a folder (default: folder, the MVTec layout)")
+    for side in ("source", "target"):
+        parser.add_argument(f"--{side}-shift", default="none", choices=SHIFT_NAMES,
+                            help=f"a synthetic shift of the {side} images (default none: the images as they are; "
+                                 f"a synthetic pair is the same ROOT:CATEGORY on both sides with --target-shift)")
     parser.add_argument("--methods", nargs="+", default=["padim", "csflow", "densehybrid", "dann"],
                         choices=list(SETTINGS))
     parser.add_argument("--settings", nargs="+", choices=sorted({s for v in SETTINGS.values() for s in v}),
@@ -194,8 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the ledger, run nothing")
     args = parser.parse_args(argv)
     try:
-        args.source_domain = parse_domain(args.source, "source", args.dataset)
-        args.target_domain = parse_domain(args.target, "target", args.dataset)
+        args.source_domain = replace(parse_domain(args.source, "source", args.dataset), shift=args.source_shift)
+        args.target_domain = replace(parse_domain(args.target, "target", args.dataset), shift=args.target_shift)
     except ValueError as error:
         parser.error(str(error))
     if not 1 <= args.folds <= MAX_FOLDS:

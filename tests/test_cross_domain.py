@@ -32,6 +32,15 @@ def test_embedded_names_and_folders_parse_to_domains(tmp_path):
     assert args.run_root == tmp_path / "out" / "runs"
 
 
+def test_a_synthetic_pair_is_one_root_with_a_target_shift(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces:brick", "--target-shift", "coljit",
+                       "--out", str(tmp_path)])
+    assert str(args.target_domain) == "surfaces:brick+coljit" and str(args.source_domain) == "surfaces:brick"
+    assert args.target_domain.data_args("target")[-2:] == ["--data.init_args.target.shift", "coljit"]
+    assert args.source_domain.data_args("source")[-2:] == ["--data.init_args.source.shift", "none"]
+    assert cross_domain.settings_of(args)["target"] == "surfaces:brick+coljit"  # a ledger per shift
+
+
 @pytest.mark.parametrize("source, expected", [
     ("surfaces", "--source 'surfaces': expected ROOT:CATEGORY"),
     ("surfaces:", "--source 'surfaces:': expected ROOT:CATEGORY"),
