@@ -226,16 +226,22 @@ def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp
                          f"--model.init_args.image_size 128 --ckpt_path {checkpoint}")
 
 
-def test_two_user_folders_end_to_end(tmp_path):
-    """Four real cli.py jobs of PaDiM at 32 px: source-only, source + 1 target shot, the source fit recalibrated
-    on that shot, full target."""
+def run_on_two_user_folders(tmp_path: Path, *runner_args: str) -> tuple[dict, Path]:
+    """The runner on two tiny user folders (line B without masks): (its records by job key, its output folder)."""
     make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
     make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
     out = tmp_path / "out"
     cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
-                       "--dataset", "folder", "--methods", "padim", "--settings", "source_only", "source_plus_k",
-                       "recalibrated", "target_full", "--shots", "1", "--folds", "1", "--image-size", "32", "--out", str(out)])
+                       "--dataset", "folder", "--folds", "1", *runner_args, "--out", str(out)])
     records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    return records, out
+
+
+def test_two_user_folders_end_to_end(tmp_path):
+    """Four real cli.py jobs of PaDiM at 32 px: source-only, source + 1 target shot, the source fit recalibrated
+    on that shot, full target."""
+    records, out = run_on_two_user_folders(tmp_path, "--methods", "padim", "--settings", "source_only", "source_plus_k",
+                                           "recalibrated", "target_full", "--shots", "1", "--image-size", "32")
     assert sorted(records) == ["padim/recalibrated/k1/f0", "padim/source_only", "padim/source_plus_k/k1/f0",
                                "padim/target_full"]
     for record_ in records.values():
@@ -252,13 +258,7 @@ def test_two_user_folders_end_to_end(tmp_path):
 
 def test_knn_on_two_user_folders_end_to_end(tmp_path):
     """Four real cli.py test jobs of the k-NN baseline at 32 px, one per setting, references from one shot."""
-    make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
-    make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
-    out = tmp_path / "out"
-    cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
-                       "--dataset", "folder", "--methods", "knn", "--shots", "1", "--folds", "1", "--image-size", "32",
-                       "--out", str(out)])
-    records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    records, out = run_on_two_user_folders(tmp_path, "--methods", "knn", "--shots", "1", "--image-size", "32")
     assert sorted(records) == ["knn/k_only/k1/f0", "knn/source_only", "knn/source_plus_k/k1/f0", "knn/target_full"]
     for record_ in records.values():
         assert 0 <= record_["target/image_auroc"] <= 1 and "source/image_auroc" not in record_
@@ -273,13 +273,8 @@ def test_knn_on_two_user_folders_end_to_end(tmp_path):
 
 def test_meta_comparer_shot_job_tests_the_source_fit_end_to_end(tmp_path):
     """A 2-step comparer fit on one user folder, then its checkpoint tested with one target shot as references."""
-    make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
-    make_folder_tree(tmp_path / "lineB", categories=("bottle",), train=10, test_good=2, with_masks=False)
-    out = tmp_path / "out"
-    cross_domain.main(["--source", f"{tmp_path / 'lineA'}:bottle", "--target", f"{tmp_path / 'lineB'}:bottle",
-                       "--dataset", "folder", "--methods", "meta_comparer", "--settings", "source_only", "adapted",
-                       "--shots", "1", "--folds", "1", "--image-size", "64", "--max-steps", "2", "--out", str(out)])
-    records = {cross_domain.job_key(r): r for r in json.loads((out / "cross_domain.json").read_text())["records"]}
+    records, out = run_on_two_user_folders(tmp_path, "--methods", "meta_comparer", "--settings", "source_only",
+                                           "adapted", "--shots", "1", "--image-size", "64", "--max-steps", "2")
     assert sorted(records) == ["meta_comparer/adapted/k1/f0", "meta_comparer/source_only"]
     source_fit = Path(records["meta_comparer/source_only"]["run_dir"])
     assert records["meta_comparer/adapted/k1/f0"]["command"].endswith(
