@@ -4,7 +4,7 @@ several methods of one pair) summarised as the mean over pairs, per method, sett
     python benchmarks/cross_domain_summary.py docs/results/cross_domain.json /tmp/runner/synthetic_*/cross_domain.json \\
         --out docs/results/cross_domain_summary
 
-Per pair, a setting's figure is its target image AUROC averaged over its folds (the runner's table). Then, over
+Per pair, a setting's figure is its target image AUROC averaged over its folds and seeds (one ledger per seed). Then, over
 the pairs that have the setting and both bounds:
 
 - ``mean AUROC``: the mean of the pairs' figures;
@@ -41,21 +41,22 @@ def gap_metric(method: str) -> str:
 
 
 def per_pair(ledgers: list[Path]) -> dict[str, dict[str, dict[tuple, float]]]:
-    """method -> pair -> (setting, k) -> the pair's figure (mean over folds). A job of a pair found in two ledgers
-    counts once, as the later ledger has it (said on stdout)."""
+    """method -> pair -> (setting, k) -> the pair's figure (mean over folds and seeds). A job (pair, fold, seed)
+    found in two ledgers counts once, as the later ledger has it (said on stdout)."""
     jobs: dict[tuple, tuple[Path, dict]] = {}
     for ledger in ledgers:
         replaced = defaultdict(int)
         for record in json.loads(ledger.read_text())["records"]:
             pair = f"{record['sweep']['source']} → {record['sweep']['target']}"
-            key = (record["method"], pair, record["setting"], record.get("k"), record.get("fold"))
+            key = (record["method"], pair, record["setting"], record.get("k"), record.get("fold"),
+                   record["sweep"].get("seed"))
             if key in jobs:
                 replaced[jobs[key][0]] += 1
             jobs[key] = (ledger, record)
         for earlier, count in replaced.items():
             print(f"{ledger}: {count} job(s) replace the same jobs of {earlier}")
     cells: dict[tuple, list[dict]] = defaultdict(list)
-    for (method, pair, setting, k, _), (_, record) in jobs.items():
+    for (method, pair, setting, k, _, _), (_, record) in jobs.items():
         cells[(method, pair, setting, k)].append(record)
     figures: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for (method, pair, setting, k), records in cells.items():

@@ -285,8 +285,8 @@ def test_meta_comparer_shot_job_tests_the_source_fit_end_to_end(tmp_path):
 def test_summary_over_pairs_counts_each_job_once_and_compares_with_the_better_trivial_row(tmp_path, capsys):
     from benchmarks import cross_domain_summary
 
-    def ledger(name: str, target: str, figures: dict) -> Path:
-        sweep = {"source": "surfaces:brick", "target": target}
+    def ledger(name: str, target: str, figures: dict, seed: int = 0) -> Path:
+        sweep = {"source": "surfaces:brick", "target": target, "seed": seed}
         records = [{"method": "padim", "setting": setting, "k": k, "fold": fold, "sweep": sweep,
                     "target/image_auroc": value}
                    for (setting, k, fold), value in figures.items()]
@@ -300,14 +300,16 @@ def test_summary_over_pairs_counts_each_job_once_and_compares_with_the_better_tr
     second = ledger("b", "surfaces_line_b:brick", {("source_only", None, None): 0.7, ("target_full", None, None): 0.9,
                                                      ("source_plus_k", 5, 0): 0.72, ("recalibrated", 5, 0): 0.86})
     rerun = ledger("c", "surfaces:brick+gray", {("recalibrated", 5, 0): 0.74})  # replaces fold 0 of the first
+    seed_1 = ledger("d", "surfaces_line_b:brick", {("source_only", None, None): 0.5}, seed=1)  # another run
     out = tmp_path / "summary"
-    cross_domain_summary.main([str(first), str(second), str(rerun), "--out", str(out)])
+    cross_domain_summary.main([str(first), str(second), str(rerun), str(seed_1), "--out", str(out)])
     assert "c.json: 1 job(s) replace the same jobs of" in capsys.readouterr().out
     rows = {(r["setting"], r["k"]): r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     recalibrated = rows[("recalibrated", 5)]
     # gray: folds 0.74 and 0.70 -> 0.72; line B: 0.86
     assert recalibrated["pairs"] == 2 and recalibrated["mean_auroc"] == pytest.approx((0.72 + 0.86) / 2)
-    assert recalibrated["gap_recovered"] == pytest.approx(((0.72 - 0.6) / 0.2 + (0.86 - 0.7) / 0.2) / 2)
+    # line B's source-only is the mean of its two seeds, 0.6
+    assert recalibrated["gap_recovered"] == pytest.approx(((0.72 - 0.6) / 0.2 + (0.86 - 0.6) / 0.3) / 2)
     assert recalibrated["worst_minus_source_only"] == pytest.approx(0.12)
     # the better trivial row: k_only 0.70 on gray, source_plus_k 0.72 on line B (no k_only there)
     assert recalibrated["minus_better_trivial"] == pytest.approx(((0.72 - 0.7) + (0.86 - 0.72)) / 2)
