@@ -1,0 +1,89 @@
+"""What ShiftAD's target recalibration costs (issue 19): k = 10 shots × 4 flips, CS-Flow at its default 160 px
+(flow hidden width 64) and PaDiM at 224 px with its default backbone, on random weights and images (the cost does
+not depend on them); the best and mean of 3 timed runs after one warm-up.
+
+    python benchmarks/recalibration_cost.py                # CUDA when there is a GPU, else the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from lightning_modules.components.target_recalibration import RecalibrationSpec  # noqa: E402
+from lightning_modules.csflow import CSFlow  # noqa: E402
+from lightning_modules.padim import Padim  # noqa: E402
+
+
+class UnlabelledShots:
+    """A DataModule with nothing but k target shots (what the recalibration reads)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def target_train_dataloader(self) -> DataLoader:
+        return DataLoader([{"image": image} for image in self.images], batch_size=4)
+
+    def val_dataloader(self) -> list:
+        return []
+
+
+def timed(run: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    sync()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds), sum(seconds) / len(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} CPU threads")
+
+    csflow = CSFlow(image_size=160, hidden_channels=64,
+                    target_recalibration=RecalibrationSpec(prior_count=2)).to(device).eval()
+    shots = UnlabelledShots(torch.rand(args.shots, 3, 160, 160))
+    best, mean = timed(lambda: csflow.recalibrate_to_target(shots), device, args.repeats)
+    print(f"CS-Flow, k={args.shots} x 4 flips, 160 px: best {best:.3f} s, mean {mean:.3f} s")
+
+    padim = Padim(target_recalibration=RecalibrationSpec()).to(device)
+    with torch.no_grad():
+        for _ in range(3):
+            padim.model.accumulate(padim.model.embed(torch.rand(32, 3, 224, 224, device=device)))
+    source = padim.model.gaussians()
+    shots = UnlabelledShots(torch.rand(args.shots, 3, 224, 224))
+
+    def recalibrate_padim() -> None:
+        padim.model.set_gaussians(source, 96)  # from the source statistics every time
+        padim.recalibrate_to_target(shots)
+
+    best, mean = timed(recalibrate_padim, device, args.repeats)
+    print(f"PaDiM, k={args.shots} x 4 flips, 224 px: best {best:.3f} s, mean {mean:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
