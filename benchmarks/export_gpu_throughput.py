@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,21 +21,15 @@ from torch.export.passes import move_to_device_pass
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from benchmarks.export_parity import QUIET, method_args, test_images  # noqa: E402
+from benchmarks.export_parity import QUIET, images_per_second, method_args, test_images  # noqa: E402
 from cli import main  # noqa: E402
 from lightning_modules.components.export import FILE_NAMES, FORMATS, INPUT_NAME, InferenceModel  # noqa: E402
 
 
-def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int = 3, warm_up: int = 3) -> float:
-    for _ in range(warm_up):  # TorchScript's profiling executor optimises over its first calls
-        run(images[:batch_size])
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for chunk in images.split(batch_size):
-            run(chunk)
-    torch.cuda.synchronize()
-    return round(repeats * len(images) / (time.perf_counter() - start), 1)
+def cuda_images_per_second(run, images: torch.Tensor, batch_size: int) -> float:
+    # 3 warm-up batches: TorchScript's profiling executor optimises over its first calls
+    return round(images_per_second(run, images, batch_size, repeats=3, warm_up=3,
+                                   synchronize=torch.cuda.synchronize), 1)
 
 
 def onnx_runner(path: Path):
@@ -60,16 +53,16 @@ def measure(method: str, args: argparse.Namespace, cuda: torch.device) -> dict:
             images = test_images(cli.datamodule).to(cuda)
             with torch.no_grad():
                 if "pytorch" not in row:
-                    row["pytorch"] = images_per_second(InferenceModel(cli.model).to(cuda).eval(), images, args.batch_size)
+                    row["pytorch"] = cuda_images_per_second(InferenceModel(cli.model).to(cuda).eval(), images, args.batch_size)
                 path = out / FILE_NAMES[fmt]
                 if fmt == "onnx":
                     provider, run = onnx_runner(path)
-                    row[f"onnx ({provider})"] = images_per_second(run, images, args.batch_size)
+                    row[f"onnx ({provider})"] = cuda_images_per_second(run, images, args.batch_size)
                 elif fmt == "torchscript":
-                    row[fmt] = images_per_second(torch.jit.load(str(path), map_location=cuda), images, args.batch_size)
+                    row[fmt] = cuda_images_per_second(torch.jit.load(str(path), map_location=cuda), images, args.batch_size)
                 else:  # traced on the CPU: its graph's tensors move with the pass made for that
                     program = move_to_device_pass(torch.export.load(str(path)), cuda)
-                    row[fmt] = images_per_second(program.module(), images, args.batch_size)
+                    row[fmt] = cuda_images_per_second(program.module(), images, args.batch_size)
         except Exception as error:  # a format that does not run on the GPU is a result, not a crash
             row[fmt] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
         print(method, fmt, row, flush=True)

@@ -72,12 +72,17 @@ def batched(run, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
-def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int) -> float:
-    run(images[:batch_size])  # warm-up
+def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int, warm_up: int = 1,
+                      synchronize=lambda: None) -> float:
+    """``synchronize`` waits for queued device work (``torch.cuda.synchronize`` on a GPU)."""
+    for _ in range(warm_up):
+        run(images[:batch_size])
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         for chunk in images.split(batch_size):
             run(chunk)
+    synchronize()
     return repeats * len(images) / (time.perf_counter() - start)
 
 
