@@ -40,13 +40,25 @@ def gap_metric(method: str) -> str:
     return COLUMNS[0][2 if method == "dann" else 1]
 
 
+def ledger_records(ledger: Path) -> list[dict]:
+    """The records of a ``cross_domain.py`` ledger; a file that is not one is named."""
+    try:
+        records = json.loads(ledger.read_text())["records"]
+        for record in records:
+            _ = record["method"], record["setting"], record["sweep"]["source"], record["sweep"]["target"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{ledger} is not a cross_domain.py ledger (expected JSON {{\"records\": [...]}} with "
+                         f"method, setting and sweep in each record): {type(error).__name__}: {error}") from error
+    return records
+
+
 def per_pair(ledgers: list[Path]) -> dict[str, dict[str, dict[tuple, float]]]:
     """method -> pair -> (setting, k) -> the pair's figure (mean over folds and seeds). A job (pair, fold, seed)
     found in two ledgers counts once, as the later ledger has it (said on stdout)."""
     jobs: dict[tuple, tuple[Path, dict]] = {}
     for ledger in ledgers:
         replaced = defaultdict(int)
-        for record in json.loads(ledger.read_text())["records"]:
+        for record in ledger_records(ledger):
             pair = f"{record['sweep']['source']} → {record['sweep']['target']}"
             key = (record["method"], pair, record["setting"], record.get("k"), record.get("fold"),
                    record["sweep"].get("seed"))
@@ -116,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(p) for p in args.ledgers if not p.is_file()]
     if missing:
         parser.error(f"no such ledger: {', '.join(missing)}")
-    figures = per_pair(args.ledgers)
+    try:
+        figures = per_pair(args.ledgers)
+    except ValueError as error:
+        parser.error(str(error))
     rows = summary_rows(figures)
     pairs = {method: list(figures[method]) for method in figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -314,3 +314,15 @@ def test_summary_over_pairs_counts_each_job_once_and_compares_with_the_better_tr
     # the better trivial row: k_only 0.70 on gray, source_plus_k 0.72 on line B (no k_only there)
     assert recalibrated["minus_better_trivial"] == pytest.approx(((0.72 - 0.7) + (0.86 - 0.72)) / 2)
     assert "| padim | recalibrated | 5 | 2 | 0.790 |" in out.with_suffix(".md").read_text()
+
+
+def test_summary_names_a_file_that_is_not_a_ledger(tmp_path, capsys):
+    from benchmarks import cross_domain_summary
+
+    broken, other = tmp_path / "broken.json", tmp_path / "other.json"
+    broken.write_text('{"records": [')
+    other.write_text('{"rows": []}')
+    for path in (broken, other, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            cross_domain_summary.main([str(path), "--out", str(tmp_path / "summary")])
+        assert str(path) in capsys.readouterr().err
