@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,84 @@ def test_bf16_mixed_on_cpu_keeps_the_flow_finite(surfaces_root, source_checkpoin
     assert features[0].dtype == torch.bfloat16 and z[0].dtype == torch.float32 and log_det.dtype == torch.float32
     assert torch.isfinite(log_det).all() and all(torch.isfinite(t).all() for t in z)
     main(["fit", *adapt_args(surfaces_root, tmp_path, source_checkpoint, steps=2, extra=bf16)])
+
+
+def test_regularised_adaptation_pulls_toward_the_source_and_logs_the_safety_decision(surfaces_root, source_checkpoint,
+                                                                                      tmp_path):
+    extra = ["--config", str(REPO / "configs/csflow/adapt_regularised.yaml"), "--model.init_args.l2_sp", "1000"]
+    main(["fit", *adapt_args(surfaces_root, tmp_path, source_checkpoint, steps=3, extra=extra)])
+    run_dir = tmp_path / "csflow_adapt" / ADAPT_TAG / "version_0"
+    logged = (run_dir / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    assert {"train/l2_sp", "adapt/kept", "adapt/pseudo_defect_auroc_adapted",
+            "adapt/pseudo_defect_auroc_source"} <= set(header)
+    kept_column = header.index("adapt/kept")
+    kept = [row.split(",")[kept_column] for row in logged[1:] if row.split(",")[kept_column]]
+    assert len(kept) == 1 and float(kept[0]) in (0.0, 1.0)
+
+    before = torch.load(source_checkpoint, weights_only=True)["state_dict"]
+    after = torch.load(last_ckpt(tmp_path, "csflow_adapt", ADAPT_TAG), weights_only=True)["state_dict"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # bn_policy frozen
+    changed = [k for k in before if k.startswith("model.") and not torch.equal(before[k], after[k])]
+    assert bool(changed) == (float(kept[0]) == 1.0), f"{changed[:5]}: declined must leave the source blocks, kept the adapted ones"
+
+
+def test_the_phase2_safety_rule_restores_the_source_blocks_after_a_harmful_update(surfaces_root, source_checkpoint,
+                                                                                  tmp_path, monkeypatch):
+    """Constructed harmful updates: a diverged one (a non-finite weight, so no score can be trusted) is declined
+    and the source blocks come back bitwise; with the rule off, the same update stays and is still measured."""
+    from datamodules import OneClassDataModule
+
+    model = CSFlowAdaptation(str(source_checkpoint), adapt_blocks=2, safety=True)
+    data = OneClassDataModule(source={"dataset": "surfaces", "root": str(surfaces_root), "category": "brick"},
+                              target={"shift": "gray"}, image_size=64, batch_size=4, train_on="target_shots",
+                              target_shots=2, num_workers=0)
+    data.setup("fit")
+    logged = []
+    monkeypatch.setattr(model, "log_dict", lambda metrics, **kwargs: logged.append(metrics))
+    source = {name: value.detach().clone() for name, value in model.adapted_state().items()}
+
+    def diverge() -> None:
+        model.adapted_state()["blocks.0.0.conv_dw.weight"].data.fill_(float("nan"))
+
+    diverge()
+    assert model.apply_safety_rule(data) is False
+    assert all(torch.equal(value, source[name]) for name, value in model.adapted_state().items())
+    assert logged[-1]["adapt/kept"] == 0.0 and math.isnan(logged[-1]["adapt/pseudo_defect_auroc_adapted"])
+
+    model.safety = False
+    diverge()
+    assert model.apply_safety_rule(data) is True
+    assert model.adapted_state()["blocks.0.0.conv_dw.weight"].isnan().all()
+    assert "adapt/kept" not in logged[-1] and "adapt/pseudo_defect_auroc_source" in logged[-1]
+
+
+def test_pseudo_defect_separation_ranks_an_oracle_first_and_a_blind_scorer_at_chance():
+    from lightning_modules.components.pseudo_defect_check import pseudo_defect_set, separation, verdict
+
+    shots = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images, labels = pseudo_defect_set(shots, "flips")
+    assert images.shape == (8 * 3, 3, 32, 32) and labels.tolist() == [0] * 8 + [1] * 16
+    again, _ = pseudo_defect_set(shots, "flips")
+    assert torch.equal(images, again)  # the same copies for the same shots
+    clean = torch.cat([shots, shots.flip(-1), shots.flip(-2), shots.flip(-2, -1)])
+
+    def oracle(chunk: torch.Tensor) -> torch.Tensor:  # distance to the nearest clean view
+        return torch.cdist(chunk.flatten(1), clean.flatten(1)).amin(1)
+
+    assert separation(oracle, images, labels) == 1.0
+    assert separation(lambda chunk: torch.zeros(len(chunk)), images, labels) == 0.5
+    assert verdict(0.7, 0.8).kept is False and verdict(0.8, 0.8).kept is True
+    assert verdict(float("nan"), 0.8).kept is False
+
+
+def test_cycled_flips_show_each_image_in_turn_as_its_four_flips():
+    from lightning_modules.components.target_recalibration import cycled_flips, label_preserving_views
+
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = label_preserving_views(images, "flips").view(4, *images.shape)
+    for step in range(5):
+        shown = cycled_flips(images, step)
+        for b in range(2):
+            assert torch.equal(shown[b], views[(step + b) % 4, b])

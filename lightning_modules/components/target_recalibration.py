@@ -120,6 +120,13 @@ def label_preserving_views(images: torch.Tensor, views: Views) -> torch.Tensor:
     return images
 
 
+def cycled_flips(images: torch.Tensor, step: int) -> torch.Tensor:
+    """Image b of a batch at step s shown as flip (s + b) mod 4, in ``label_preserving_views``' order."""
+    batch = len(images)
+    choice = (step + torch.arange(batch, device=images.device)) % VIEW_COUNTS["flips"]
+    return label_preserving_views(images, "flips").view(-1, *images.shape)[choice, torch.arange(batch)]
+
+
 def shrunk(prior: Gaussians, target: Moments, prior_count: int) -> Gaussians:
     """Moments of the mixture of the prior Gaussians (weight ``prior_count``) and the target's embeddings."""
     n0, n = float(prior_count), float(target.count)

@@ -18,16 +18,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.pseudo_defect_check import pseudo_defect_set, separation, verdict
 from lightning_modules.components.target_recalibration import (
     RECALIBRATION_OPTIONS,
+    VIEW_COUNTS,
     RecalibrationSpec,
+    Views,
     as_recalibration_spec,
+    cycled_flips,
     flow_output_recalibration,
     label_preserving_views,
     per_shot,
@@ -211,6 +216,14 @@ class CSFlowAdaptation(CSFlowDetector):
         adapt_stem: also update the stem convolution and its BatchNorm.
         bn_policy: ``batch``: the adapted blocks' BatchNorm uses batch statistics while adapting (and
             updates its running statistics); ``frozen``: it keeps the source statistics.
+        l2_sp: α of L2-SP, a pull of the adapted weights toward the source ones, α/2·Σ‖w − w_src‖² added to
+            the NLL (0: the paper's phase 2).
+        shot_views: ``flips``: each step shows every shot as one of its 4 flips, cycling with the step (the
+            same at a resume); ``none``: as loaded.
+        safety: at the end of the fit, keep the adapted blocks only if they separate the shots from
+            pseudo-defective copies of them at least as well as the source blocks
+            (``components.pseudo_defect_check``); otherwise the source blocks are restored before the last
+            checkpoint is written. The decision is logged as ``adapt/kept``.
         **kwargs: ``optimizer`` (e.g. Adam lr 1e-4), ``scheduler``, ``aupro_fpr_limit``, ``num_map_examples``.
 
     Steps are the Trainer's ``max_steps``; every step sees its k images at 3 scales.
@@ -219,14 +232,23 @@ class CSFlowAdaptation(CSFlowDetector):
     method_name = "csflow_adapt"
 
     def __init__(self, source_checkpoint: str, adapt_blocks: int = 5, adapt_stem: bool = False,
-                 bn_policy: BNPolicy = "batch", **kwargs) -> None:
+                 bn_policy: BNPolicy = "batch", l2_sp: float = 0.0, shot_views: Views = "none",
+                 safety: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if bn_policy not in ("batch", "frozen"):
             raise ValueError(f"bn_policy must be 'batch' or 'frozen', got {bn_policy!r}")
+        if not (isinstance(l2_sp, int | float) and math.isfinite(l2_sp) and l2_sp >= 0):
+            raise ValueError(f"l2_sp must be a finite number >= 0, got {l2_sp!r}")
+        if shot_views not in VIEW_COUNTS:
+            raise ValueError(f"shot_views must be one of {', '.join(VIEW_COUNTS)}, got {shot_views!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = load_source_model(source_checkpoint)
         self.adapted_modules = self.model.set_adaptable_blocks(adapt_blocks, adapt_stem)
         self.bn_policy = bn_policy
+        self.l2_sp, self.shot_views, self.safety = float(l2_sp), shot_views, safety
+        # The adapted blocks' source state: L2-SP's anchor and the safety rule's fallback. Rebuilt from
+        # source_checkpoint at every launch, so a resume has the same anchor and checkpoints stay small.
+        self.source_state = {name: value.detach().clone() for name, value in self.adapted_state().items()}
         # Lightning keeps the modes modules have at fit start, so the BN policy applies from here on.
         self.train(self.training)
 
@@ -236,5 +258,56 @@ class CSFlowAdaptation(CSFlowDetector):
             self.model.freeze_adapted_batchnorm()
         return self
 
+    def adapted_state(self) -> dict[str, torch.Tensor]:
+        """Parameters and BatchNorm statistics of the adapted blocks, keyed as in the extractor's body."""
+        body = self.model.extractor.body
+        return {f"{name}.{key}": value for name in self.adapted_modules
+                for key, value in body.get_submodule(name).state_dict(keep_vars=True).items()}
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.checked_total(self.nll_terms(self.model.features(batch["image"])))
+        images = batch["image"]
+        if self.shot_views == "flips":
+            images = cycled_flips(images, self.global_step)
+        terms = self.nll_terms(self.model.features(images))
+        if self.l2_sp > 0:
+            terms["l2_sp"] = self.l2_sp / 2 * sum(
+                (value - self.source_state[name].to(value.device)).square().sum()
+                for name, value in self.adapted_state().items() if isinstance(value, torch.nn.Parameter))
+        return self.checked_total(terms)
+
+    def on_train_epoch_end(self) -> None:
+        # Runs before the checkpoint callbacks' epoch end, so the last checkpoint holds the decision.
+        trainer = self.trainer
+        final = (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or (
+            trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs)
+        if final:
+            self.apply_safety_rule(trainer.datamodule)
+
+    @torch.no_grad()
+    def apply_safety_rule(self, datamodule) -> bool:
+        """Compares the adapted and the source blocks on the shots' pseudo-defect separation; restores the source
+        blocks when the adapted ones separate worse (and ``safety`` is on). Returns whether the adaptation stays."""
+        shots = target_shot_images(datamodule, "model.init_args.safety").to(self.device)
+        images, labels = pseudo_defect_set(shots, "flips")
+        adapted_state = {name: value.detach().clone() for name, value in self.adapted_state().items()}
+        was_training = self.training
+        self.eval()
+
+        def image_scores(chunk: torch.Tensor) -> torch.Tensor:
+            return self.anomaly_scores(chunk)[0]
+
+        adapted = separation(image_scores, images, labels)
+        self.load_adapted_state(self.source_state)
+        source = separation(image_scores, images, labels)
+        decision = verdict(adapted, source)
+        if decision.kept or not self.safety:
+            self.load_adapted_state(adapted_state)
+        self.train(was_training)
+        line, metrics = decision.summary(len(shots), self.safety)
+        log.info(line)
+        self.log_dict(metrics, rank_zero_only=True)
+        return decision.kept or not self.safety
+
+    def load_adapted_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in self.adapted_state().items():
+            value.data.copy_(state[name].to(value.device))
