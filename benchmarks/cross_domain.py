@@ -24,8 +24,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
   kept the update), ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
-  on the source normals and the k shots), ``adapted`` (phase 2 on the k target shots from the
-  source-only checkpoint), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
+  on the source normals and the k shots), ``adapted`` (paper 001's phase 2 on the k target shots from the
+  source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
+  L2-SP, the shots' flips, source BatchNorm statistics and the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
   the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
@@ -85,13 +86,13 @@ TRAINER = CONFIGS / "trainer" / "default.yaml"
 SETTINGS = {
     "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
-    "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "recalibrated", "target_full"),
+    "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "recalibrated", "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted", "adapted_safe")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
@@ -99,11 +100,13 @@ DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/pa
                     "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
 RECALIBRATION_CONFIGS = {"padim": "padim/target_recalibration.yaml", "gmm_padim": "padim/target_recalibration.yaml",
                          "csflow": "csflow/target_recalibration.yaml"}
+#: CS-Flow's phase-2 settings: their configs, in order
+PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml")}
 #: whose recalibration acts at test time on the source-only checkpoint (PaDiM's is the end of its fit)
 RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "adapted": "target_shots", "target_full": "target"}
+            "recalibrated": "source", "adapted": "target_shots", "adapted_safe": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
@@ -283,11 +286,11 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
             return "test", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
                             *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting],
                             *shots_args(job), *model, "--ckpt_path", str(source_checkpoint(job, records, "last"))]
-    elif job.setting == "adapted":  # phase 2 builds its model from the phase-1 checkpoint
-        configs = [CONFIGS / "csflow" / "adapt_gray.yaml"]
+    elif job.setting in PHASE_2_CONFIGS:  # phase 2 builds its model from the phase-1 checkpoint
+        configs = [CONFIGS / "csflow" / config for config in PHASE_2_CONFIGS[job.setting]]
         model = ["--model.init_args.source_checkpoint", str(source_checkpoint(job, records, "last"))]
     length = training_length(configs, args)
-    if job.method == "csflow" and job.setting != "adapted":
+    if job.method == "csflow" and job.setting not in PHASE_2_CONFIGS:
         # One checkpoint at the end and no validation: the table tests the final weights.
         steps = min(int(length[i + 1]) for i, arg in enumerate(length) if arg == "--trainer.max_steps")
         length += ["--checkpoint.every_n_train_steps", str(steps), "--trainer.limit_val_batches", "0"]
