@@ -145,7 +145,7 @@ def test_feature_cache_extracts_each_image_once():
 
 def test_adaptation_picks_the_first_mbconv_blocks_and_rejects_bad_values(source_checkpoint, tmp_path):
     model = CSFlowAdaptation(str(source_checkpoint), adapt_blocks=5)
-    assert model.adapted_modules == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1"]
+    assert model.adapted_modules == [f"extractor.body.blocks.{b}" for b in ("0.0", "1.0", "1.1", "2.0", "2.1")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.extractor.body.blocks.") for n in trainable)
     assert {n.split(".")[4] + "." + n.split(".")[5] for n in trainable} == {"0.0", "1.0", "1.1", "2.0", "2.1"}
@@ -251,7 +251,7 @@ def test_the_phase2_safety_rule_restores_the_source_blocks_after_a_harmful_updat
     source = {name: value.detach().clone() for name, value in model.adapted_state().items()}
 
     def diverge() -> None:
-        model.adapted_state()["blocks.0.0.conv_dw.weight"].data.fill_(float("nan"))
+        model.adapted_state()["extractor.body.blocks.0.0.conv_dw.weight"].data.fill_(float("nan"))
 
     diverge()
     assert model.apply_safety_rule(data) is False
@@ -261,7 +261,7 @@ def test_the_phase2_safety_rule_restores_the_source_blocks_after_a_harmful_updat
     model.safety = False
     diverge()
     assert model.apply_safety_rule(data) is True
-    assert model.adapted_state()["blocks.0.0.conv_dw.weight"].isnan().all()
+    assert model.adapted_state()["extractor.body.blocks.0.0.conv_dw.weight"].isnan().all()
     assert "adapt/kept" not in logged[-1] and "adapt/pseudo_defect_auroc_source" in logged[-1]
 
 

@@ -208,12 +208,15 @@ def load_source_model(source_checkpoint: str | Path) -> CSFlowModel:
 
 
 class CSFlowAdaptation(CSFlowDetector):
-    """Phase 2: adapt the first MBConv blocks of a trained CS-Flow's extractor to k target normals, flow frozen.
+    """Phase 2: adapt the first MBConv blocks of a trained CS-Flow's extractor to k target normals, flow frozen
+    (paper 001); or, ShiftAD's variant, the flow itself from its source weights, extractor frozen.
 
     Args:
         source_checkpoint: ``last.ckpt`` of a phase-1 :class:`CSFlow` run (loaded with ``weights_only=True``).
         adapt_blocks: N, how many of the first MBConv blocks are updated (paper 001: 5).
         adapt_stem: also update the stem convolution and its BatchNorm.
+        adapt_flow: also update the flow (with ``adapt_blocks: 0``, the flow alone: fine-tuned from its source
+            weights on the shots, the extractor frozen).
         bn_policy: ``batch``: the adapted blocks' BatchNorm uses batch statistics while adapting (and
             updates its running statistics); ``frozen``: it keeps the source statistics.
         l2_sp: α of L2-SP, a pull of the adapted weights toward the source ones, α/2·Σ‖w − w_src‖² added to
@@ -232,7 +235,7 @@ class CSFlowAdaptation(CSFlowDetector):
     method_name = "csflow_adapt"
 
     def __init__(self, source_checkpoint: str, adapt_blocks: int = 5, adapt_stem: bool = False,
-                 bn_policy: BNPolicy = "batch", l2_sp: float = 0.0, shot_views: Views = "none",
+                 adapt_flow: bool = False, bn_policy: BNPolicy = "batch", l2_sp: float = 0.0, shot_views: Views = "none",
                  safety: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if bn_policy not in ("batch", "frozen"):
@@ -243,7 +246,7 @@ class CSFlowAdaptation(CSFlowDetector):
             raise ValueError(f"shot_views must be one of {', '.join(VIEW_COUNTS)}, got {shot_views!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = load_source_model(source_checkpoint)
-        self.adapted_modules = self.model.set_adaptable_blocks(adapt_blocks, adapt_stem)
+        self.adapted_modules = self.model.set_adaptable(adapt_blocks, adapt_stem, adapt_flow)
         self.bn_policy = bn_policy
         self.l2_sp, self.shot_views, self.safety = float(l2_sp), shot_views, safety
         # The adapted blocks' source state: L2-SP's anchor and the safety rule's fallback. Rebuilt from
@@ -259,10 +262,9 @@ class CSFlowAdaptation(CSFlowDetector):
         return self
 
     def adapted_state(self) -> dict[str, torch.Tensor]:
-        """Parameters and BatchNorm statistics of the adapted blocks, keyed as in the extractor's body."""
-        body = self.model.extractor.body
+        """Parameters and BatchNorm statistics of the adapted modules, keyed as in the CS-Flow model."""
         return {f"{name}.{key}": value for name in self.adapted_modules
-                for key, value in body.get_submodule(name).state_dict(keep_vars=True).items()}
+                for key, value in self.model.get_submodule(name).state_dict(keep_vars=True).items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]

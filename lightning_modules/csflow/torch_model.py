@@ -98,16 +98,17 @@ class CSFlowModel(nn.Module):
         maps = F.interpolate(maps, size=image_size, mode="bilinear", align_corners=False)[:, 0]
         return scores, maps
 
-    def set_adaptable_blocks(self, count: int, include_stem: bool = False) -> list[str]:
-        """Freeze the flow and the extractor except its first ``count`` MBConv blocks (and the stem if asked);
-        returns the trainable module names."""
-        blocks = mbconv_block_names(self.extractor)
-        if not 0 < count <= len(blocks):
-            raise ValueError(f"adapt_blocks must be in [1, {len(blocks)}] for this backbone, got {count}")
-        trainable = (["conv_stem", "bn1"] if include_stem else []) + blocks[:count]
+    def set_adaptable(self, blocks: int, include_stem: bool = False, include_flow: bool = False) -> list[str]:
+        """Freeze everything but the extractor's first ``blocks`` MBConv blocks (and the stem if asked) and, if
+        asked, the flow; returns the trainable modules' names in this model."""
+        names = mbconv_block_names(self.extractor)
+        if not 0 <= blocks <= len(names) or not (blocks or include_stem or include_flow):
+            raise ValueError(f"adapt_blocks must be in [1, {len(names)}] for this backbone (0 only with adapt_flow "
+                             f"or adapt_stem), got {blocks}")
+        trainable = (["conv_stem", "bn1"] if include_stem else []) + names[:blocks]
         self.extractor.set_trainable(trainable)
-        self.flow.requires_grad_(False)
-        return trainable
+        self.flow.requires_grad_(include_flow)
+        return [f"extractor.body.{name}" for name in trainable] + (["flow"] if include_flow else [])
 
     def freeze_adapted_batchnorm(self) -> None:
         """BN policy ``frozen``: the adapted blocks keep the source running statistics (eval mode)."""
