@@ -26,7 +26,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
 - ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
   on the source normals and the k shots), ``adapted`` (paper 001's phase 2 on the k target shots from the
   source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
-  L2-SP, the shots' flips, source BatchNorm statistics and the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
+  L2-SP, the shots' flips, source BatchNorm statistics and the safety rule), ``flow_tuned`` (ShiftAD's flow
+  fine-tuning, ``configs/csflow/adapt_flow.yaml``: the flow trained on the shots' flips from its source weights,
+  extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
   the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
@@ -86,13 +88,14 @@ TRAINER = CONFIGS / "trainer" / "default.yaml"
 SETTINGS = {
     "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
-    "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "recalibrated", "target_full"),
+    "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
+               "target_full"),
     "densehybrid": ("source_only", "target_full"),
     "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted", "adapted_safe")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted", "adapted_safe", "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
@@ -101,12 +104,14 @@ DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/pa
 RECALIBRATION_CONFIGS = {"padim": "padim/target_recalibration.yaml", "gmm_padim": "padim/target_recalibration.yaml",
                          "csflow": "csflow/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
-PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml")}
+PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml"),
+                   "flow_tuned": ("adapt_gray.yaml", "adapt_flow.yaml")}
 #: whose recalibration acts at test time on the source-only checkpoint (PaDiM's is the end of its fit)
 RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "adapted": "target_shots", "adapted_safe": "target_shots", "target_full": "target"}
+            "recalibrated": "source", "adapted": "target_shots", "adapted_safe": "target_shots",
+            "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
