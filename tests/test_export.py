@@ -192,3 +192,21 @@ def test_an_op_onnx_lacks_is_named_and_the_torch_formats_offered(tmp_path):
     export(toy, checkpoint, "torch_export", tmp_path / "torch_export")  # the offered way works
     parity = json.loads((tmp_path / "torch_export" / "model.json").read_text())["parity"]
     assert max(parity["max_relative_difference"].values()) < RTOL
+
+
+def test_the_readme_onnxruntime_snippet_runs_as_written(fitted, surfaces_root, tmp_path, monkeypatch, capsys):
+    """README's "Use a trained model" Python lines, run unchanged beside a PaDiM ONNX export, print the decision
+    and the score PyTorch gives the same file."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("Running it needs only onnxruntime:\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) == 5
+    cli = export(padim(surfaces_root, tmp_path / "runs"), fitted["padim"], "onnx", tmp_path / "export")
+    sample = cli.datamodule.test_dataset[0]
+    (tmp_path / "part.png").write_bytes(Path(sample["path"]).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    decision, score = capsys.readouterr().out.split()
+    with torch.no_grad():
+        expected = float(cli.model.anomaly_scores(sample["image"][None])[0][0])
+    assert decision in ("normal", "anomalous")
+    assert float(score) == pytest.approx(expected, rel=1e-3)
