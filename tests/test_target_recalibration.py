@@ -14,6 +14,7 @@ from lightning_modules.components.target_recalibration import (
     Moments,
     RecalibrationSpec,
     as_recalibration_spec,
+    channel_aligned,
     flow_output_recalibration,
     recalibrated,
     safety_check,
@@ -30,6 +31,33 @@ def random_gaussians(positions: int, dim: int, seed: int = 0) -> Gaussians:
     factor = torch.randn(positions, dim, dim, generator=generator, dtype=torch.float64)
     covariance = factor @ factor.transpose(1, 2) / dim + 0.5 * torch.eye(dim, dtype=torch.float64)
     return Gaussians(torch.randn(positions, dim, generator=generator, dtype=torch.float64), covariance)
+
+
+def test_channel_alignment_scores_a_target_feature_as_its_standardised_copy_under_the_source():
+    source = random_gaussians(positions=6, dim=3)
+    shots = torch.randn(4, 6, 3, dtype=torch.float64) * torch.tensor([3.0, 0.5, 1.0], dtype=torch.float64) + 2
+    aligned = channel_aligned(source, Moments.of(shots))
+    # the channel frames: source from the Gaussians' mixture over positions, target from every shot sample
+    source_mean = source.mean.mean(0)
+    source_std = ((source.covariance.diagonal(dim1=-2, dim2=-1) + source.mean.square()).mean(0)
+                  - source_mean.square()).sqrt()
+    target_mean, target_std = shots.flatten(0, 1).mean(0), shots.flatten(0, 1).std(0, unbiased=False)
+
+    def mahalanobis(gaussians: Gaussians, x: torch.Tensor) -> torch.Tensor:
+        offset = x - gaussians.mean
+        return (offset[:, None, :] @ torch.linalg.solve(gaussians.covariance, offset[:, :, None])).flatten()
+
+    x = torch.randn(6, 3, dtype=torch.float64) * 2 + 1
+    standardised = source_mean + (x - target_mean) / target_std * source_std
+    torch.testing.assert_close(mahalanobis(aligned, x), mahalanobis(source, standardised))
+    # its mixture over positions has the shots' channel mean and spread
+    torch.testing.assert_close(aligned.mean.mean(0), target_mean)
+    spread = (aligned.covariance.diagonal(dim1=-2, dim2=-1) + aligned.mean.square()).mean(0) - target_mean.square()
+    torch.testing.assert_close(spread.sqrt(), target_std)
+    # the shrinkage then starts from the aligned Gaussians
+    spec = RecalibrationSpec(prior_count=5, align_channels=True)
+    torch.testing.assert_close(recalibrated(source, Moments.of(shots), spec).mean,
+                               shrunk(aligned, Moments.of(shots), 5).mean)
 
 
 def test_shrinkage_is_the_mixture_of_the_prior_and_the_shots():

@@ -45,11 +45,15 @@ class RecalibrationSpec:
         views: label-preserving views of each shot: ``none`` or ``flips`` (identity, left-right, up-down and
             both, i.e. a half-turn: a flipped normal image is still normal).
         safety: apply the safety rule (False: always keep the update; its figures are still logged).
+        align_channels: before the shrinkage, move the source Gaussians into the shots' channel frame: each
+            feature channel's mean and spread over all positions become the shots' (per-domain feature
+            standardisation, folded into the Gaussians; PaDiM only).
     """
 
     prior_count: int = 64
     views: Views = "flips"
     safety: bool = True
+    align_channels: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int) or self.prior_count < 1:
@@ -141,9 +145,26 @@ def shrunk(prior: Gaussians, target: Moments, prior_count: int) -> Gaussians:
     return Gaussians(mean, covariance.div_(total))
 
 
+def channel_aligned(source: Gaussians, target: Moments) -> Gaussians:
+    """The source Gaussians in the target's channel frame. With a channel's mean m and spread s over all positions
+    (source: of the Gaussians' mixture; target: of the shots), x ↦ m_t + (x − m_s)·s_t/s_s maps source features
+    onto the target's; applied to the Gaussians, μ' = m_t + (μ − m_s)·r and Σ' = diag(r)·Σ·diag(r), r = s_t/s_s.
+    Scoring a target feature under them equals scoring its standardised copy under the source Gaussians."""
+    samples = target.count * target.feature_sum.shape[0]
+    target_mean = target.feature_sum.sum(0) / samples
+    target_var = target.outer_sum.diagonal(dim1=-2, dim2=-1).sum(0) / samples - target_mean.square()
+    source_mean = source.mean.mean(0)
+    source_var = (source.covariance.diagonal(dim1=-2, dim2=-1) + source.mean.square()).mean(0) - source_mean.square()
+    tiny = torch.finfo(torch.float64).tiny
+    ratio = (target_var.clamp_min(tiny) / source_var.clamp_min(tiny)).sqrt()
+    return Gaussians(target_mean + (source.mean - source_mean) * ratio,
+                     source.covariance * ratio[:, None] * ratio[None, :])
+
+
 def recalibrated(source: Gaussians, target: Moments, spec: RecalibrationSpec) -> Gaussians:
     """The update of the source Gaussians from the target shots' moments (see the module docstring)."""
-    return shrunk(source, target, spec.prior_count)
+    prior = channel_aligned(source, target) if spec.align_channels else source
+    return shrunk(prior, target, spec.prior_count)
 
 
 def mean_nll(gaussians: Gaussians, embeddings: torch.Tensor, eps: float) -> float:

@@ -106,6 +106,9 @@ class CSFlowDetector(AnomalyDetectionModule):
         """Standardises the flow outputs toward the k target shots' views unless the safety rule declines;
         returns whether it was kept. Reads the shots' images only."""
         spec = self.target_recalibration
+        if spec.align_channels:
+            raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; CS-Flow "
+                             "standardises its flow outputs per channel already: leave it false")
         images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
         views = label_preserving_views(images, spec.views)
         chunks = [self.model.flow(self.model.features(chunk))[0] for chunk in views.split(16)]
