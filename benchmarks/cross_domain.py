@@ -22,7 +22,8 @@ Settings (rows), each scored on the target's test split (the detectors report th
   on the source normals), ``k_only`` (statistics of the k target shots alone; k >= 2), ``source_plus_k``
   (source normals and the k shots), ``recalibrated`` (the source fit, then ShiftAD's target recalibration from
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
-  kept the update), ``target_full`` (all target normals);
+  kept the update), ``recalibrated_aligned`` (the same after moving the source Gaussians into the shots' channel
+  frame, ``configs/padim/target_recalibration_aligned.yaml``), ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
   on the source normals and the k shots), ``adapted`` (paper 001's phase 2 on the k target shots from the
   source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
@@ -86,8 +87,8 @@ CONFIGS = REPO / "configs"
 TRAINER = CONFIGS / "trainer" / "default.yaml"
 #: method -> its settings in table order; ``SHOT_SETTINGS`` run per k and fold
 SETTINGS = {
-    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
-    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "target_full"),
+    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
+    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
     "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
                "target_full"),
     "densehybrid": ("source_only", "target_full"),
@@ -95,14 +96,18 @@ SETTINGS = {
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "adapted", "adapted_safe", "flow_tuned")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "adapted", "adapted_safe",
+                 "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
 DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
                     "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
-RECALIBRATION_CONFIGS = {"padim": "padim/target_recalibration.yaml", "gmm_padim": "padim/target_recalibration.yaml",
-                         "csflow": "csflow/target_recalibration.yaml"}
+RECALIBRATION_CONFIGS = {("padim", "recalibrated"): "padim/target_recalibration.yaml",
+                         ("gmm_padim", "recalibrated"): "padim/target_recalibration.yaml",
+                         ("padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
+                         ("gmm_padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
+                         ("csflow", "recalibrated"): "csflow/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
 PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml"),
                    "flow_tuned": ("adapt_gray.yaml", "adapt_flow.yaml")}
@@ -110,8 +115,8 @@ PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray
 RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "adapted": "target_shots", "adapted_safe": "target_shots",
-            "flow_tuned": "target_shots", "target_full": "target"}
+            "recalibrated": "source", "recalibrated_aligned": "source", "adapted": "target_shots",
+            "adapted_safe": "target_shots", "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
@@ -285,8 +290,8 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
         model = ["--model.init_args.backbone.weights", str(args.gmm_backbone)]
     elif job.method == "csflow" and args.image_size is not None:  # the flow is built for one image size
         model = ["--model.init_args.image_size", str(args.image_size)]
-    if job.setting == "recalibrated":
-        configs.append(CONFIGS / RECALIBRATION_CONFIGS[job.method])
+    if (job.method, job.setting) in RECALIBRATION_CONFIGS:
+        configs.append(CONFIGS / RECALIBRATION_CONFIGS[job.method, job.setting])
         if job.method in RECALIBRATED_AT_TEST:
             return "test", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
                             *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting],

@@ -72,9 +72,9 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
                        "--methods", "padim", "csflow", "--shots", "1", "5", "--folds", "2"])
     keys = [job.key for job in jobs_of(args)]
     assert keys[:2] == ["padim/source_only", "padim/target_full"]
-    assert keys[2:9] == ["padim/source_plus_k/k1/f0", "padim/recalibrated/k1/f0", "padim/k_only/k5/f0",
-                         "padim/source_plus_k/k5/f0", "padim/recalibrated/k5/f0", "padim/source_plus_k/k1/f1",
-                         "padim/recalibrated/k1/f1"]
+    assert keys[2:11] == ["padim/source_plus_k/k1/f0", "padim/recalibrated/k1/f0", "padim/recalibrated_aligned/k1/f0",
+                          "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0", "padim/recalibrated/k5/f0",
+                          "padim/recalibrated_aligned/k5/f0", "padim/source_plus_k/k1/f1", "padim/recalibrated/k1/f1"]
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
     shot_settings = ("k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated")
     assert keys[-26:] == ["csflow/source_only", "csflow/target_full", *(
