@@ -211,3 +211,10 @@ def test_csflow_checkpoint_is_recalibrated_at_test_time_through_cli(surfaces_roo
         assert (module.model.z_mean_0 is not None) == (list(kept.values())[-1] == 1.0)
         assert {"test/target/image_auroc", "test/source/image_auroc"} <= results(folder).keys()
         assert module.calibration.is_fitted  # refitted on the validation split under the standardisation
+
+
+def test_csflow_refuses_channel_alignment_by_name():
+    model = CSFlow(image_size=64, hidden_channels=8, kernel_sizes=[3],
+                   target_recalibration={"prior_count": 2, "align_channels": True})
+    with pytest.raises(ValueError, match="align_channels moves PaDiM's per-position Gaussians"):
+        model.recalibrate_to_target(datamodule=None)
