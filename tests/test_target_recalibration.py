@@ -108,6 +108,24 @@ def test_the_safety_rule_keeps_a_consistent_shift_and_declines_shots_that_disagr
     assert single.kept and single.held_out == "views"
 
 
+def test_auto_alignment_takes_the_variant_with_the_lower_held_out_nll():
+    """Shots whose every channel is scaled and offset (a colour or gain change): the aligned update explains the
+    held-out shots better, and ``auto`` takes it; its NLL is the lower of the two fixed choices."""
+    source = random_gaussians(positions=8, dim=5)
+    generator = torch.Generator().manual_seed(1)
+    samples = source.mean + (torch.linalg.cholesky(source.covariance)
+                             @ torch.randn(4, 4, 8, 5, 1, generator=generator, dtype=torch.float64))[..., 0]
+    shots = samples * torch.tensor([3.0, 0.3, 2.0, 1.0, 0.5], dtype=torch.float64) + 4  # [k, V, P, D]
+    fixed = {aligned: safety_check(source, shots, RecalibrationSpec(prior_count=16, align_channels=aligned), 0.01)
+             for aligned in (False, True)}
+    auto = safety_check(source, shots, RecalibrationSpec(prior_count=16, align_channels="auto"), 0.01)
+    assert fixed[True].adapted_nll < fixed[False].adapted_nll
+    assert auto.aligned and auto.adapted_nll == fixed[True].adapted_nll and auto.kept
+    assert not fixed[False].aligned and fixed[True].aligned
+    with pytest.raises(ValueError, match="align_channels must be true, false or auto, got 'yes'"):
+        RecalibrationSpec(align_channels="yes")
+
+
 def test_spec_errors_name_the_key():
     with pytest.raises(ValueError, match="target_recalibration.prior_count"):
         RecalibrationSpec(prior_count=0)

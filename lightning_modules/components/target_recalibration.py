@@ -47,15 +47,19 @@ class RecalibrationSpec:
         safety: apply the safety rule (False: always keep the update; its figures are still logged).
         align_channels: before the shrinkage, move the source Gaussians into the shots' channel frame: each
             feature channel's mean and spread over all positions become the shots' (per-domain feature
-            standardisation, folded into the Gaussians; PaDiM only).
+            standardisation, folded into the Gaussians; PaDiM only). ``auto``: with and without, whichever
+            explains the held-out shots better (the safety rule's own NLL), decided per run.
     """
 
     prior_count: int = 64
     views: Views = "flips"
     safety: bool = True
-    align_channels: bool = False
+    align_channels: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
+        if self.align_channels not in (True, False, "auto"):
+            raise ValueError(f"target_recalibration.align_channels must be true, false or auto, got "
+                             f"{self.align_channels!r}")
         if isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int) or self.prior_count < 1:
             raise ValueError(f"target_recalibration.prior_count must be a whole number >= 1 (embeddings per "
                              f"position), got {self.prior_count!r}")
@@ -115,6 +119,7 @@ class SafetyVerdict(NamedTuple):
     adapted_nll: float
     source_nll: float
     held_out: str  # what was held out: "shots" or "views"
+    aligned: bool = False  # whether the update moves the Gaussians into the shots' channel frame first
 
 
 def label_preserving_views(images: torch.Tensor, views: Views) -> torch.Tensor:
@@ -200,11 +205,15 @@ def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec
         held_out_sets = [shots[0, half:], shots[0, :half]]
         fits = [Moments.of(shots[0, :half]), Moments.of(shots[0, half:])]
         kind = "views"
-    adapted = [mean_nll(recalibrated(source, fit, spec), held, eps)
-               for fit, held in zip(fits, held_out_sets, strict=True)]
+    held_out_nll = {}
+    for aligned in ((False, True) if spec.align_channels == "auto" else (bool(spec.align_channels),)):
+        variant = replace(spec, align_channels=aligned)
+        folds = [mean_nll(recalibrated(source, fit, variant), held, eps)
+                 for fit, held in zip(fits, held_out_sets, strict=True)]
+        held_out_nll[aligned] = sum(folds) / len(folds)
+    aligned = min(held_out_nll, key=held_out_nll.get)
     baseline = mean_nll(source, shots.flatten(0, 1), eps)  # every held-out set once: the mean over the folds
-    adapted_nll = sum(adapted) / len(adapted)
-    return SafetyVerdict(adapted_nll < baseline, adapted_nll, baseline, kind)
+    return SafetyVerdict(held_out_nll[aligned] < baseline, held_out_nll[aligned], baseline, kind, aligned)
 
 
 class Standardisation(NamedTuple):
@@ -257,9 +266,11 @@ def verdict_summary(verdict: SafetyVerdict, kept: bool, spec: RecalibrationSpec,
     """The decision as a log line and as the ``adapt/`` metrics a run logs once."""
     line = (f"target recalibration from {shots} shots x {VIEW_COUNTS[spec.views]} views: "
             f"{'kept' if kept else 'declined, source kept'} (held-out {verdict.held_out} NLL: updated "
-            f"{verdict.adapted_nll:.3f}, source {verdict.source_nll:.3f}{'' if spec.safety else '; safety rule off'})")
-    return line, {"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
-                  "adapt/heldout_nll_source": verdict.source_nll}
+            f"{verdict.adapted_nll:.3f}, source {verdict.source_nll:.3f}{'' if spec.safety else '; safety rule off'}"
+            f"{'; channels aligned' if verdict.aligned else ''})")
+    metrics = {"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
+               "adapt/heldout_nll_source": verdict.source_nll}
+    return line, {**metrics, "adapt/aligned": float(verdict.aligned)} if spec.align_channels else metrics
 
 
 def target_shot_images(datamodule, key: str) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -115,7 +116,7 @@ class Padim(AnomalyDetectionModule):
         verdict = safety_check(source, shots, spec, self.model.covariance_eps)
         kept = verdict.kept or not spec.safety
         if kept:
-            update = recalibrated(source, Moments.of(shots.flatten(0, 1)), spec)
+            update = recalibrated(source, Moments.of(shots.flatten(0, 1)), replace(spec, align_channels=verdict.aligned))
             self.model.set_gaussians(update, spec.prior_count + shots.shape[0] * shots.shape[1])
         line, metrics = verdict_summary(verdict, kept, spec, shots.shape[0])
         log.info(line)
