@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 from pathlib import Path
@@ -52,6 +53,13 @@ def adapt_args(surfaces_root, run_root, source_ckpt, steps=2, extra=()):
 
 def last_ckpt(run_root: Path, method: str, tag: str, version: int = 0) -> Path:
     return run_root / method / tag / f"version_{version}" / "checkpoints" / "last.ckpt"
+
+
+def logged_once(run_dir: Path, key: str) -> float:
+    """The one value of ``key`` in a run's metrics.csv."""
+    values = [row[key] for row in csv.DictReader((run_dir / "metrics.csv").open()) if row.get(key)]
+    assert len(values) == 1, f"{key} logged {len(values)} times"
+    return float(values[0])
 
 
 @pytest.fixture(scope="module")
@@ -219,20 +227,18 @@ def test_regularised_adaptation_pulls_toward_the_source_and_logs_the_safety_deci
     extra = ["--config", str(REPO / "configs/csflow/adapt_regularised.yaml"), "--model.init_args.l2_sp", "1000"]
     main(["fit", *adapt_args(surfaces_root, tmp_path, source_checkpoint, steps=3, extra=extra)])
     run_dir = tmp_path / "csflow_adapt" / ADAPT_TAG / "version_0"
-    logged = (run_dir / "metrics.csv").read_text().splitlines()
-    header = logged[0].split(",")
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/l2_sp", "adapt/kept", "adapt/pseudo_defect_auroc_adapted",
             "adapt/pseudo_defect_auroc_source"} <= set(header)
-    kept_column = header.index("adapt/kept")
-    kept = [row.split(",")[kept_column] for row in logged[1:] if row.split(",")[kept_column]]
-    assert len(kept) == 1 and float(kept[0]) in (0.0, 1.0)
+    kept = logged_once(run_dir, "adapt/kept")
+    assert kept in (0.0, 1.0)
 
     before = torch.load(source_checkpoint, weights_only=True)["state_dict"]
     after = torch.load(last_ckpt(tmp_path, "csflow_adapt", ADAPT_TAG), weights_only=True)["state_dict"]
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # bn_policy frozen
     changed = [k for k in before if k.startswith("model.") and not torch.equal(before[k], after[k])]
-    assert bool(changed) == (float(kept[0]) == 1.0), f"{changed[:5]}: declined must leave the source blocks, kept the adapted ones"
+    assert bool(changed) == (kept == 1.0), f"{changed[:5]}: declined must leave the source blocks, kept the adapted ones"
 
 
 def test_the_phase2_safety_rule_restores_the_source_blocks_after_a_harmful_update(surfaces_root, source_checkpoint,
@@ -293,3 +299,20 @@ def test_cycled_flips_show_each_image_in_turn_as_its_four_flips():
         shown = cycled_flips(images, step)
         for b in range(2):
             assert torch.equal(shown[b], views[(step + b) % 4, b])
+
+
+def test_flow_tuning_updates_the_flow_alone_and_resumes_with_the_same_anchor(surfaces_root, source_checkpoint, tmp_path):
+    extra = ["--config", str(REPO / "configs/csflow/adapt_flow.yaml"), "--model.init_args.l2_sp", "0.5"]
+    main(["fit", *adapt_args(surfaces_root, tmp_path, source_checkpoint, steps=3, extra=extra)])
+    before = torch.load(source_checkpoint, weights_only=True)["state_dict"]
+    after = torch.load(last_ckpt(tmp_path, "csflow_adapt", ADAPT_TAG), weights_only=True)["state_dict"]
+    changed = {k for k in before if k.startswith("model.") and not torch.equal(before[k], after[k])}
+    kept = logged_once(tmp_path / "csflow_adapt" / ADAPT_TAG / "version_0", "adapt/kept")
+    assert bool(changed) == (kept == 1.0), "declined must leave the source flow, kept the tuned one"
+    assert all(k.startswith("model.flow.") for k in changed)
+    model = CSFlowAdaptation(str(source_checkpoint), adapt_blocks=0, adapt_flow=True, l2_sp=0.5)
+    assert model.adapted_modules == ["flow"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.flow.")}
+    with pytest.raises(ValueError, match="0 only with adapt_flow or adapt_stem"):
+        CSFlowAdaptation(str(source_checkpoint), adapt_blocks=0)

@@ -238,8 +238,8 @@ class CSFlowAdaptation(CSFlowDetector):
     method_name = "csflow_adapt"
 
     def __init__(self, source_checkpoint: str, adapt_blocks: int = 5, adapt_stem: bool = False,
-                 adapt_flow: bool = False, bn_policy: BNPolicy = "batch", l2_sp: float = 0.0, shot_views: Views = "none",
-                 safety: bool = False, **kwargs) -> None:
+                 adapt_flow: bool = False, bn_policy: BNPolicy = "batch", l2_sp: float = 0.0,
+                 shot_views: Views = "none", safety: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if bn_policy not in ("batch", "frozen"):
             raise ValueError(f"bn_policy must be 'batch' or 'frozen', got {bn_policy!r}")
