@@ -124,6 +124,8 @@ def test_auto_alignment_takes_the_variant_with_the_lower_held_out_nll():
     assert not fixed[False].aligned and fixed[True].aligned
     with pytest.raises(ValueError, match="align_channels must be true, false or auto, got 'yes'"):
         RecalibrationSpec(align_channels="yes")
+    with pytest.raises(ValueError, match="align_channels auto is decided by safety_check"):
+        recalibrated(source, Moments.of(shots.flatten(0, 1)), RecalibrationSpec(align_channels="auto"))
 
 
 def test_spec_errors_name_the_key():

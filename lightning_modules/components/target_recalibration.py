@@ -16,6 +16,10 @@ source statistics. The NLL, unlike the Mahalanobis distance alone, also charges 
 swallow everything (its log-determinant). The update is kept only when it explains held-out shots better.
 Only the shots' images are read, never a label.
 
+With ``align_channels``, the source Gaussians are first moved into the shots' channel frame (each channel's mean
+and spread over all positions), which is per-domain feature standardisation written into the Gaussians; ``auto``
+lets the held-out check choose, per run, between the update with and without it.
+
 A normalizing flow (CS-Flow) has no fitted statistics to move: it maps source features onto N(0, I). There the
 same update acts behind the frozen flow: per scale and channel, the prior is the flow's N(0, 1), the evidence is
 the shots' flow outputs z at every position of every view, and the scores read z standardised by the update,
@@ -168,6 +172,8 @@ def channel_aligned(source: Gaussians, target: Moments) -> Gaussians:
 
 def recalibrated(source: Gaussians, target: Moments, spec: RecalibrationSpec) -> Gaussians:
     """The update of the source Gaussians from the target shots' moments (see the module docstring)."""
+    if spec.align_channels == "auto":
+        raise ValueError("align_channels auto is decided by safety_check: pass its verdict's choice (aligned)")
     prior = channel_aligned(source, target) if spec.align_channels else source
     return shrunk(prior, target, spec.prior_count)
 
