@@ -29,8 +29,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
   source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
   L2-SP, the shots' flips, source BatchNorm statistics and the safety rule), ``flow_tuned`` (ShiftAD's flow
   fine-tuning, ``configs/csflow/adapt_flow.yaml``: the flow trained on the shots' flips from its source weights,
-  extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs standardised toward
-  the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all target normals);
+  extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs
+  standardised toward the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all
+  target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
   ``dann``, ``adda`` (unlabelled target train split), ``target_full`` (source-only classifier trained on the
