@@ -65,10 +65,14 @@ def csflow_args(root: Path, runs: Path, context: dict) -> list[str]:
             "--run.root", str(runs)]
 
 
-def csflow_adapt_args(root: Path, runs: Path, context: dict) -> list[str]:
-    return [*config("csflow/adapt_gray.yaml"), *QUIET, "--data.init_args.source.root", str(root),
-            "--data.init_args.image_size", "64", "--data.init_args.target_shots", "2",
-            "--model.init_args.source_checkpoint", str(context["csflow_source"]), "--run.root", str(runs)]
+def csflow_adapt_args(*recipe: str) -> Callable[[Path, Path, dict], list[str]]:
+    """Paper 001's phase 2 (adapt_gray.yaml), with ShiftAD's recipe configs laid over it."""
+    def args(root: Path, runs: Path, context: dict) -> list[str]:
+        return [*config("csflow/adapt_gray.yaml"), *(part for path in recipe for part in config(path)), *QUIET,
+                "--data.init_args.source.root", str(root), "--data.init_args.image_size", "64",
+                "--data.init_args.target_shots", "2", "--model.init_args.source_checkpoint",
+                str(context["csflow_source"]), "--run.root", str(runs)]
+    return args
 
 
 def meta_comparer_args(root: Path, runs: Path, context: dict) -> list[str]:
@@ -111,8 +115,13 @@ CASES = [
     Case("adda", "adda", dann_args("adda"), steps=9, preempt_at=5, ddp_strategy="ddp_find_unused_parameters_true"),
     # no trainable BatchNorm: the curves differ only where the sampler pads an epoch's last batch
     Case("csflow", "csflow", csflow_args, steps=4, preempt_at=2, loss_rtol=0.01),
-    Case("csflow_adapt", "csflow_adapt", csflow_adapt_args, steps=3, preempt_at=1, batch_size=2,
+    Case("csflow_adapt", "csflow_adapt", csflow_adapt_args(), steps=3, preempt_at=1, batch_size=2,
          validates=False),
+    # L2-SP, the shots' flips by step, and the safety rule at the final step, which a resume must reach alike
+    Case("csflow_adapt_safe", "csflow_adapt", csflow_adapt_args("csflow/adapt_regularised.yaml"), steps=3,
+         preempt_at=1, batch_size=2, validates=False),
+    Case("csflow_flow_tuned", "csflow_adapt", csflow_adapt_args("csflow/adapt_flow.yaml"), steps=3, preempt_at=1,
+         batch_size=2, validates=False),
     Case("meta_comparer", "meta_comparer", meta_comparer_args, steps=4, preempt_at=2),
     Case("padim", "padim", padim_args, steps=3, preempt_at=1, ddp_strategy="ddp_frozen", loss_key=None),
     Case("gmm_pretrain", "gmm_pretrain", gmm_pretrain_args, steps=4, preempt_at=2, batch_size=8),
