@@ -163,6 +163,33 @@ def test_adabn_statistics_are_the_exact_moments_of_each_layers_input_over_all_ta
         assert torch.allclose(stored_var, var, rtol=1e-4, atol=1e-6), name
 
 
+def target_statistics_of(module: DANN) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in module.model.target_statistics.state_dict().items()}
+
+
+def test_exact_target_statistics_replace_dann_running_averages_at_test_but_not_at_validation(surfaces_root, tmp_path):
+    data = PairedDomainDataModule(source=Domain(dataset="surfaces", root=str(surfaces_root), category="grass",
+                                                shift="gray"), image_size=32, batch_size=4, target_val=True)
+    module = tiny_module(bn_policy="per_domain", exact_target_statistics=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, datamodule=data)
+    running = target_statistics_of(module)
+    trainer.validate(module, datamodule=data)  # in training the target statistics are still dann's own
+    assert all(torch.equal(running[name], value) for name, value in target_statistics_of(module).items())
+    plain = tiny_module(bn_policy="per_domain")
+    plain.load_state_dict(module.state_dict())
+    trainer.test(plain, datamodule=data)
+    assert all(torch.equal(running[name], value) for name, value in target_statistics_of(plain).items())
+
+    expected = tiny_module(bn_policy="per_domain")
+    expected.load_state_dict(module.state_dict())
+    expected.model.estimate_target_statistics(batch["image"] for batch in data.target_statistics_dataloader())
+    trainer.test(module, datamodule=data)
+    exact = target_statistics_of(module)
+    assert any(not torch.equal(running[name], exact[name]) for name in exact)
+    assert all(torch.equal(value, exact[name]) for name, value in target_statistics_of(expected).items())
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         DANN(mode="dan")
@@ -172,6 +199,9 @@ def test_bad_options_are_clear_errors():
         DANN(mode="adabn", bn_policy="frozen")
     with pytest.raises(ValueError, match="lightning_modules.adda.ADDA"):
         DANN(mode="adda")
+    for mode, bn_policy in (("source_only", "joint"), ("adabn", "joint"), ("dann", "frozen")):
+        with pytest.raises(ValueError, match=f"exact_target_statistics .* got mode '{mode}', bn_policy '{bn_policy}'"):
+            DANN(mode=mode, bn_policy=bn_policy, exact_target_statistics=True)
     with pytest.raises(ValueError, match="pretrain_epochs"):
         ADDA(pretrain_epochs=0)
 

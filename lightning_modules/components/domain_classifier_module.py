@@ -87,8 +87,9 @@ class DomainClassifierModule(ShiftADModule):
         """Encoder features of ``domain`` images (for the t-SNE figures)."""
         return self.model.features(images, domain)
 
-    def prepare_target_evaluation(self) -> None:
-        """Runs before target images are scored (AdaBN re-estimates its statistics here)."""
+    def prepare_target_evaluation(self, stage: str) -> None:
+        """Runs before target images are scored at ``stage`` (validate, test or predict); AdaBN re-estimates its
+        statistics here."""
 
     def defect_probability(self, images: torch.Tensor, domain: str) -> torch.Tensor:
         """The classifier's score: the probability of a defect, images seen as ``domain`` (source or target)."""
@@ -102,7 +103,7 @@ class DomainClassifierModule(ShiftADModule):
         for collector in self.val_scores:
             collector.reset()
         if getattr(self.trainer.datamodule, "target_val", False):
-            self.prepare_target_evaluation()
+            self.prepare_target_evaluation("validate")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._collect(self.val_scores[dataloader_idx], batch, "source" if dataloader_idx == 0 else "target")
@@ -154,7 +155,7 @@ class DomainClassifierModule(ShiftADModule):
                              f"<defect probability>")
 
     def on_predict_start(self) -> None:
-        self.prepare_target_evaluation()
+        self.prepare_target_evaluation("predict")
         self.ready_thresholds(self.trainer.datamodule, "predict")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
@@ -166,7 +167,7 @@ class DomainClassifierModule(ShiftADModule):
         self.test_domains = self.test_domain_names()
         self.test_scores = [ScoreCollector().to(self.device) for _ in self.test_domains]
         self.ready_thresholds(self.trainer.datamodule, "test")
-        self.prepare_target_evaluation()
+        self.prepare_target_evaluation("test")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Any split but the source is scored as target (ADDA's target encoder, AdaBN's target statistics).

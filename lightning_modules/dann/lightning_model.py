@@ -9,6 +9,8 @@ labels hidden); validation and testing: ``DomainClassifierModule``. ADDA is its 
 - ``source_only``: L_y on the source only.
 - ``adabn``: ``source_only`` training; before evaluation the encoder's BatchNorm statistics for the target are
   re-estimated on the unlabelled target train images.
+- ``dann`` with ``exact_target_statistics``: ``dann`` training; before testing and predicting, AdaBN's estimate
+  replaces the target statistics that ``bn_policy: per_domain`` averaged over training batches.
 """
 
 from __future__ import annotations
@@ -41,13 +43,19 @@ class DANN(DomainClassifierModule):
         reversal_gamma: γ of the λ schedule (10 in DANN).
         discriminator_hidden: hidden width of the domain discriminator (1024 in tllib).
         backbone_lr_mult: learning-rate multiplier of the pretrained backbone (0.1 in tllib).
+        exact_target_statistics: ``dann`` only: before the target is tested or predicted, each trainable BatchNorm's
+            target statistics become the exact moments over the unlabelled target train images (AdaBN's estimate,
+            with the final weights), instead of the running averages of augmented batches under weights that were
+            still changing. Not at validation, where the statistics are still part of training. Changes nothing
+            in training, so a ``dann`` checkpoint can be tested with it.
         selection, optimizer, scheduler, scheduler_interval: see ``DomainClassifierModule``.
     """
 
     method_name = "dann"
     #: adabn trains exactly as source_only does, so either checkpoint can be tested as the other.
     test_time_options = {**DomainClassifierModule.test_time_options,
-                         "mode": frozenset({("source_only", "adabn"), ("adabn", "source_only")})}
+                         "mode": frozenset({("source_only", "adabn"), ("adabn", "source_only")}),
+                         "exact_target_statistics": None}
 
     def __init__(
         self,
@@ -62,6 +70,7 @@ class DANN(DomainClassifierModule):
         reversal_gamma: float = 10.0,
         discriminator_hidden: int = 1024,
         backbone_lr_mult: float = 0.1,
+        exact_target_statistics: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -70,6 +79,10 @@ class DANN(DomainClassifierModule):
         if mode == "adabn" and bn_policy == "frozen":
             raise ValueError("mode='adabn' re-estimates BatchNorm statistics, but bn_policy='frozen' never learns "
                              "source statistics to replace; use bn_policy 'joint'")
+        if exact_target_statistics and (mode != "dann" or bn_policy == "frozen"):
+            raise ValueError(f"exact_target_statistics re-estimates the target BatchNorm statistics after dann "
+                             f"training; it needs mode 'dann' and a bn_policy other than 'frozen', got mode "
+                             f"{mode!r}, bn_policy {bn_policy!r} (mode 'adabn' does it after source_only training)")
         if domain_loss_weight < 0 or reversal_gamma < 0 or backbone_lr_mult < 0:
             raise ValueError("domain_loss_weight, reversal_gamma and backbone_lr_mult must be >= 0, got "
                              f"{domain_loss_weight}, {reversal_gamma}, {backbone_lr_mult}")
@@ -81,6 +94,7 @@ class DANN(DomainClassifierModule):
         self.domain_loss_weight = domain_loss_weight
         self.reversal_gamma = reversal_gamma
         self.backbone_lr_mult = backbone_lr_mult
+        self.exact_target_statistics = exact_target_statistics
         self.model = DomainAdaptiveClassifier(backbone, layer, trainable, bottleneck_dim, pooling, bn_policy,
                                               discriminator_hidden if mode == "dann" else 0)
 
@@ -117,8 +131,8 @@ class DANN(DomainClassifierModule):
             "domain": self.domain_loss_weight * domain_loss(source_domain, target_domain),
         })
 
-    def prepare_target_evaluation(self) -> None:
-        if self.mode != "adabn":
+    def prepare_target_evaluation(self, stage: str) -> None:
+        if not (self.mode == "adabn" or (self.exact_target_statistics and stage != "validate")):
             return
         loader = self.trainer.datamodule.target_statistics_dataloader()
         self.model.estimate_target_statistics(batch["image"].to(self.device) for batch in loader)
