@@ -23,7 +23,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
   (source normals and the k shots), ``recalibrated`` (the source fit, then ShiftAD's target recalibration from
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
   kept the update), ``recalibrated_aligned`` (the same after moving the source Gaussians into the shots' channel
-  frame, ``configs/padim/target_recalibration_aligned.yaml``), ``target_full`` (all target normals);
+  frame, ``configs/padim/target_recalibration_aligned.yaml``), ``recalibrated_auto`` (alignment and the source
+  weight both chosen per run by the held-out check, ``configs/padim/target_recalibration_auto.yaml``),
+  ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
   on the source normals and the k shots), ``adapted`` (paper 001's phase 2 on the k target shots from the
   source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
@@ -34,8 +36,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
   target normals);
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
-  ``dann``, ``adda`` (unlabelled target train split), ``target_full`` (source-only classifier trained on the
-  target's labelled train split);
+  ``dann``, ``dann_adabn`` (the dann job's selected checkpoint tested with AdaBN's exact target statistics,
+  ``exact_target_statistics``), ``adda`` (unlabelled target train split), ``target_full`` (source-only
+  classifier trained on the target's labelled train split);
 - ``knn`` (the k-NN patch baseline, ``configs/meta_comparer/surfaces_knn.yaml``; nothing is trained, every job
   is a ``test`` that fits its memory bank on LODO's test-time references, ``references_from``):
   ``source_only`` (the source train normals), ``k_only`` (the k target shots), ``source_plus_k`` (both),
@@ -88,17 +91,19 @@ CONFIGS = REPO / "configs"
 TRAINER = CONFIGS / "trainer" / "default.yaml"
 #: method -> its settings in table order; ``SHOT_SETTINGS`` run per k and fold
 SETTINGS = {
-    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
-    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
+    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned",
+              "recalibrated_auto", "target_full"),
+    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned",
+                  "recalibrated_auto", "target_full"),
     "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
                "target_full"),
     "densehybrid": ("source_only", "target_full"),
-    "dann": ("source_only", "adabn", "dann", "adda", "target_full"),
+    "dann": ("source_only", "adabn", "dann", "dann_adabn", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "adapted", "adapted_safe",
-                 "flow_tuned")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "recalibrated_auto", "adapted",
+                 "adapted_safe", "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
@@ -108,6 +113,8 @@ RECALIBRATION_CONFIGS = {("padim", "recalibrated"): "padim/target_recalibration.
                          ("gmm_padim", "recalibrated"): "padim/target_recalibration.yaml",
                          ("padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
                          ("gmm_padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
+                         ("padim", "recalibrated_auto"): "padim/target_recalibration_auto.yaml",
+                         ("gmm_padim", "recalibrated_auto"): "padim/target_recalibration_auto.yaml",
                          ("csflow", "recalibrated"): "csflow/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
 PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml"),
@@ -116,10 +123,13 @@ PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray
 RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "recalibrated_aligned": "source", "adapted": "target_shots",
+            "recalibrated": "source", "recalibrated_aligned": "source", "recalibrated_auto": "source",
+            "adapted": "target_shots",
             "adapted_safe": "target_shots", "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
+#: what the label-free check decided, copied from the run's metrics into its record where logged
+DECISIONS = (KEPT, "adapt/aligned", "adapt/prior_count")
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
 COLUMNS = (("target image AUROC", "target/image_auroc", "target/auroc"),
            ("target pixel AUROC", "target/pixel_auroc", None),
@@ -345,7 +355,7 @@ def meta_comparer_command(job: Job, args: argparse.Namespace, records: dict) -> 
 
 def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
     """DANN/ADDA/AdaBN: labelled source, unlabelled target; ``target_full`` trains on the target's labels."""
-    mode = "source_only" if job.setting == "target_full" else job.setting
+    mode = {"target_full": "source_only", "dann_adabn": "dann"}.get(job.setting, job.setting)
     configs = [CONFIGS / "dann" / f"surfaces_{mode}.yaml"]
     source = args.target_domain if job.setting == "target_full" else args.source_domain
     common = [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
@@ -357,19 +367,22 @@ def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str
         relabelled = relabelled_checkpoint(checkpoint, run_root_of(job, args) / "source_only_as_adabn.ckpt",
                                            mode="adabn")
         return "test", [*common, "--ckpt_path", str(relabelled)]
+    if job.setting == "dann_adabn":
+        checkpoint = source_checkpoint(job, records, "selected", trained_by="dann")
+        return "test", [*common, "--ckpt_path", str(checkpoint), "--model.init_args.exact_target_statistics", "true"]
     return "fit", [*common, *training_length(configs, args), "--run.test_after_fit", "true"]
 
 
-def source_checkpoint(job: Job, records: dict, which: str) -> Path:
-    """The source-only fit's ``last`` checkpoint or the ``selected`` one it tested (on the source val split)."""
-    record = records.get(job_key({"method": job.method, "setting": "source_only"}))
+def source_checkpoint(job: Job, records: dict, which: str, trained_by: str = "source_only") -> Path:
+    """The ``trained_by`` fit's ``last`` checkpoint or the ``selected`` one it tested (on the source val split)."""
+    record = records.get(job_key({"method": job.method, "setting": trained_by}))
     if record is None:
-        raise RuntimeError(f"{job.key} starts from the {job.method} source_only fit, which has no record: run "
-                           f"the source_only setting first (it is in --settings)")
+        raise RuntimeError(f"{job.key} starts from the {job.method} {trained_by} fit, which has no record: run "
+                           f"the {trained_by} setting first (it is in --settings)")
     run_dir = Path(record["run_dir"])
     checkpoint = tested_checkpoint(run_dir) if which == "selected" else run_dir / "checkpoints" / "last.ckpt"
     if checkpoint is None or not checkpoint.is_file():
-        raise RuntimeError(f"{job.key} starts from the {which} checkpoint of the {job.method} source_only fit in "
+        raise RuntimeError(f"{job.key} starts from the {which} checkpoint of the {job.method} {trained_by} fit in "
                            f"{run_dir}, which is gone: remove that record from the ledger to fit it again")
     return checkpoint
 
@@ -385,9 +398,9 @@ def run_job(job: Job, args: argparse.Namespace, records: dict) -> dict:
     command = COMMANDS.get(job.method, detector_command)
     subcommand, arguments = command(job, args, records)
     run = run_cli(subcommand, arguments, run_root_of(job, args))
-    kept = logged_last(run.run_dir, KEPT)
-    return {**vars(job), **run.metrics, **({KEPT: kept} if kept is not None else {}), **run.cost(),
-            "sweep": settings_of(args)}
+    decisions = {key: logged_last(run.run_dir, key) for key in DECISIONS}
+    return {**vars(job), **run.metrics, **{key: value for key, value in decisions.items() if value is not None},
+            **run.cost(), "sweep": settings_of(args)}
 
 
 def logged_last(run_dir: Path, key: str) -> float | None:
