@@ -488,10 +488,16 @@ def main(argv: list[str] | None = None) -> None:
     for job in jobs_of(args):
         if job.key in by_key:
             continue
+        current = ledger.claim(job.key)
+        if current is None:
+            print(f"=== {job.key}: finished or running in another sweep on {ledger.path}, skipped", flush=True)
+            continue
+        by_key = {job_key(r): r for r in current}  # with what other sweeps on this ledger finished
         print(f"=== {job.key}", flush=True)
         try:
             record = run_job(job, args, by_key)
         except RuntimeError as error:  # the others go on; the ledger keeps what finished
+            ledger.release(job.key)
             failures.append(job.key)
             print(error, flush=True)
             continue

@@ -117,8 +117,18 @@ def sweep(args: argparse.Namespace) -> None:
     def record(key: str, job) -> None:
         if key in records:
             return
+        current = ledger.claim(key)
+        if current is None:
+            print(f"=== {key}: finished or running in another sweep on {ledger.path}, skipped", flush=True)
+            return
+        records.update((r["key"], r) for r in current)
         print(f"=== {key}", flush=True)
-        records.update((r["key"], r) for r in ledger.merge([{"key": key, **job()}]))
+        try:
+            result = job()
+        except BaseException:
+            ledger.release(key)
+            raise
+        records.update((r["key"], r) for r in ledger.merge([{"key": key, **result}]))
         write_table(records, args)
 
     source_root = run_root / "source_only"

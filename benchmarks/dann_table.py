@@ -148,7 +148,7 @@ def main() -> None:
     if args.quick:
         args.categories, args.seeds = ["brick", "woven"], [0]
     out = Path(args.out)
-    ledger = Ledger(out.with_suffix(".json"), record_key)
+    ledger = Ledger(out.with_suffix(".json"), record_key, is_current)
     if args.table_only and not ledger.path.is_file():
         raise SystemExit(f"--table-only: no ledger {ledger.path} (give the --out of an earlier sweep)")
     records = ledger.merge()
@@ -173,6 +173,13 @@ def main() -> None:
         def submit_next() -> None:
             while queue and len(futures) < args.jobs:
                 job = queue.popleft()
+                current = ledger.claim(job_key(*job))
+                if current is None:  # another sweep on this ledger finished it or runs it, with its adabn test
+                    print(f"{job_key(*job)}: finished or running in another sweep on {ledger.path}, skipped",
+                          flush=True)
+                    waiting.pop(job, None)
+                    continue
+                by_key.update((record_key(r), r) for r in current)
                 source_only = by_key.get(job_key(*source_only_of(job)))
                 checkpoint = tested_checkpoint(source_only["run_dir"]) if job[2] == "adabn" and source_only else None
                 futures[pool.submit(run_job, *job, args, checkpoint)] = job
@@ -183,6 +190,7 @@ def main() -> None:
             for future in finished:
                 job = futures.pop(future)
                 if future.exception() is not None:  # the others go on; the ledger keeps what finished
+                    ledger.release(job_key(*job))
                     failures.append(str(future.exception()))
                     print(failures[-1], flush=True)
                 else:

@@ -3,14 +3,16 @@ mean ± std cells of the tables."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,27 +25,70 @@ class Ledger:
     """The records of finished jobs in a JSON file ``{"records": [...]}``, one record per job key.
 
     Every merge re-reads the file under a lock (``<name>.lock`` beside it) and replaces it atomically, so two
-    sweeps may share a ledger and a sweep cut off at any point keeps every job it finished.
+    sweeps may share a ledger and a sweep cut off at any point keeps every job it finished. A sweep claims each
+    job before it starts it (``<name>.claims.json``), so two sweeps on one ledger never run the same job.
+
+    ``is_current`` tells a record that still counts from a stale one, whose job is run again; ``owner`` (host,
+    pid) identifies the claiming process, by default this one.
     """
 
-    def __init__(self, path: Path, key: Callable[[dict], str]) -> None:
+    def __init__(self, path: Path, key: Callable[[dict], str], is_current: Callable[[dict], bool] = lambda _: True,
+                 owner: tuple[str, int] | None = None) -> None:
         self.path = Path(path)
         self.key = key
+        self.is_current = is_current
+        self.owner = list(owner) if owner else [socket.gethostname(), os.getpid()]
+        self.claims_path = self.path.with_suffix(".claims.json")
 
-    def merge(self, new: Iterable[dict] = ()) -> list[dict]:
-        """Adds ``new`` (replacing the records of the same jobs) and returns all records."""
-        new = list(new)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def merge(self, new: Iterable[dict] = ()) -> list[dict]:
+        """Adds ``new`` (replacing the records of the same jobs, and ending their claims) and returns all records."""
+        new = list(new)
+        with self._locked():
             records = self._read()
             replaced = {self.key(record) for record in new}
             records = [record for record in records if self.key(record) not in replaced] + new
             if new:
-                partial = self.path.with_suffix(".json.partial")
-                partial.write_text(json.dumps({"records": records}, indent=1) + "\n")
-                os.replace(partial, self.path)
+                _write_json(self.path, {"records": records})
+                self._end_claims(replaced)
         return records
+
+    def claim(self, key: str) -> list[dict] | None:
+        """Claims job ``key`` for this process unless the ledger holds it or another live process has claimed it.
+        Returns all records (with what other sweeps finished meanwhile), or None where the job is not this
+        process's to run. The claim ends when the job's record is merged or ``release`` is called. A claim of a
+        process that is gone is void; one from another host counts as live (its process cannot be checked from
+        here): remove ``<name>.claims.json`` if that sweep died."""
+        with self._locked():
+            records = self._read()
+            if any(self.key(record) == key and self.is_current(record) for record in records):
+                return None
+            claims = self._claims()
+            holder = claims.get(key)
+            if holder is not None and holder != self.owner and _alive(holder):
+                return None
+            claims[key] = self.owner
+            _write_json(self.claims_path, claims)
+            return records
+
+    def release(self, key: str) -> None:
+        """Ends this process's claim of a job that did not finish (so a later sweep may run it)."""
+        with self._locked():
+            self._end_claims({key})
+
+    def _claims(self) -> dict[str, list]:
+        return json.loads(self.claims_path.read_text()) if self.claims_path.is_file() else {}
+
+    def _end_claims(self, keys: set[str]) -> None:
+        claims = self._claims()
+        if any(claims.get(key) == self.owner for key in keys):
+            _write_json(self.claims_path, {k: v for k, v in claims.items() if not (k in keys and v == self.owner)})
 
     def _read(self) -> list[dict]:
         if not self.path.is_file():
@@ -57,6 +102,26 @@ class Ledger:
                              f'{{"records": [...]}} with the fields of its job keys: fix or move it, nothing '
                              f"was written") from error
         return records
+
+
+def _write_json(path: Path, value) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def _alive(owner: list) -> bool:
+    """Whether the process (host, pid) that claimed a job still runs; one on another host is assumed to."""
+    host, pid = owner
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)

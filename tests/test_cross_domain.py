@@ -1,12 +1,17 @@
 """benchmarks/cross_domain.py: its arguments, the gap-recovered arithmetic, the table, resume, and one real run."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import cross_domain
 from benchmarks.cross_domain import Domain, gap_recovered, jobs_of, parse_args, settings_of, table
+from benchmarks.runner import Ledger
 from tests.conftest import make_folder_tree
 
 SWEEP = {"source": "surfaces:brick", "target": "surfaces_line_b:brick", "image_size": None, "scale": 1.0,
@@ -72,16 +77,17 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
                        "--methods", "padim", "csflow", "--shots", "1", "5", "--folds", "2"])
     keys = [job.key for job in jobs_of(args)]
     assert keys[:2] == ["padim/source_only", "padim/target_full"]
-    assert keys[2:11] == ["padim/source_plus_k/k1/f0", "padim/recalibrated/k1/f0", "padim/recalibrated_aligned/k1/f0",
-                          "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0", "padim/recalibrated/k5/f0",
-                          "padim/recalibrated_aligned/k5/f0", "padim/source_plus_k/k1/f1", "padim/recalibrated/k1/f1"]
+    recalibrations = ("recalibrated", "recalibrated_aligned", "recalibrated_auto")
+    assert keys[2:13] == ["padim/source_plus_k/k1/f0", *(f"padim/{s}/k1/f0" for s in recalibrations),
+                          "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0", *(f"padim/{s}/k5/f0" for s in recalibrations),
+                          "padim/source_plus_k/k1/f1", "padim/recalibrated/k1/f1"]
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
     shot_settings = ("k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated")
     assert keys[-26:] == ["csflow/source_only", "csflow/target_full", *(
         f"csflow/{setting}/k{k}/f{fold}" for fold in (0, 1) for k in (1, 5) for setting in shot_settings)]
     args.methods = ["dann"]  # the two bounds first: a sweep cut short still has the gap
     assert [job.key for job in jobs_of(args)] == ["dann/source_only", "dann/target_full", "dann/adabn", "dann/dann",
-                                                  "dann/adda"]
+                                                  "dann/dann_adabn", "dann/adda"]
     args.methods = ["knn", "meta_comparer"]  # k-NN k_only runs from one shot (a memory bank of one image)
     assert [job.key for job in jobs_of(args)] == [
         "knn/source_only", "knn/target_full", "knn/k_only/k1/f0", "knn/source_plus_k/k1/f0", "knn/k_only/k5/f0",
@@ -226,6 +232,23 @@ def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp
                          f"--model.init_args.image_size 128 --ckpt_path {checkpoint}")
 
 
+def test_dann_adabn_tests_the_dann_fits_selected_checkpoint_with_exact_target_statistics(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
+                       "--methods", "dann"])
+    job = cross_domain.Job("dann", "dann_adabn")
+    with pytest.raises(RuntimeError, match="dann/dann_adabn starts from the dann dann fit, which has no record"):
+        cross_domain.dann_command(job, args, {})
+    run_dir = tmp_path / "dann_run"
+    selected = run_dir / "checkpoints" / "epoch=3.ckpt"
+    selected.parent.mkdir(parents=True)
+    selected.write_bytes(b"")
+    (run_dir / "results.json").write_text(json.dumps({"checkpoint": str(selected)}))
+    subcommand, arguments = cross_domain.dann_command(job, args, {"dann/dann": {"run_dir": str(run_dir)}})
+    line = " ".join(arguments)
+    assert subcommand == "test" and "dann/surfaces_dann.yaml" in line
+    assert line.endswith(f"--ckpt_path {selected} --model.init_args.exact_target_statistics true")
+
+
 def run_on_two_user_folders(tmp_path: Path, *runner_args: str) -> tuple[dict, Path]:
     """The runner on two tiny user folders (line B without masks): (its records by job key, its output folder)."""
     make_folder_tree(tmp_path / "lineA", categories=("bottle",), train=8)
@@ -326,3 +349,43 @@ def test_summary_names_a_file_that_is_not_a_ledger(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cross_domain_summary.main([str(path), "--out", str(tmp_path / "summary")])
         assert str(path) in capsys.readouterr().err
+
+
+
+def test_a_job_claimed_by_a_live_sweep_is_not_run_twice_and_a_dead_sweeps_claim_is_void(tmp_path):
+    path, key = tmp_path / "ledger.json", lambda record: record["key"]
+    here = socket.gethostname()
+    mine = Ledger(path, key)
+    parent = Ledger(path, key, owner=(here, os.getppid()))  # another live process on this host
+    assert mine.claim("a") == [] and mine.claim("a") == []  # a process may claim its own job again
+    assert parent.claim("a") is None
+    assert parent.claim("b") == [] and mine.claim("b") is None
+    parent.release("b")
+    assert mine.claim("b") == []
+    mine.merge([{"key": "a", "value": 1}])
+    assert parent.claim("a") is None  # finished
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    assert Ledger(path, key, owner=(here, int(finished.stdout))).claim("c") == [{"key": "a", "value": 1}]
+    assert mine.claim("c") is not None  # its claimant is gone
+    assert Ledger(path, key, owner=("another-host", 1)).claim("d") == [{"key": "a", "value": 1}]
+    assert mine.claim("d") is None  # a process on another host cannot be checked: its claim stands
+    assert Ledger(path, key, is_current=lambda record: False).claim("a") is not None  # a stale record is rerun
+
+
+def test_a_sweep_skips_the_job_another_sweep_on_its_ledger_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(out),
+            "--methods", "densehybrid", "--settings", "source_only", "target_full"]
+    Ledger(out / "cross_domain.json", cross_domain.job_key, owner=(socket.gethostname(), os.getppid())).claim(
+        "densehybrid/target_full")
+    calls = []
+
+    def fake_run_job(job, args, records):
+        calls.append(job.key)
+        return {**record(job.method, job.setting, 0.8), "sweep": settings_of(args)}
+
+    monkeypatch.setattr(cross_domain, "run_job", fake_run_job)
+    cross_domain.main(argv)
+    assert calls == ["densehybrid/source_only"]
+    assert "densehybrid/target_full: finished or running in another sweep" in capsys.readouterr().out
