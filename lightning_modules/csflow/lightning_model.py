@@ -232,7 +232,8 @@ class CSFlowAdaptation(CSFlowDetector):
         safety: at the end of the fit, keep the adapted blocks only if they separate the shots from
             pseudo-defective copies of them at least as well as the source blocks
             (``components.pseudo_defect_check``); otherwise the source blocks are restored before the last
-            checkpoint is written. The decision is logged as ``adapt/kept``.
+            checkpoint is written. The decision is logged as ``adapt/kept``. Off, the check still runs and
+            logs what it would have decided (the paper's phase 2 is measured that way), and the update stays.
         **kwargs: ``optimizer`` (e.g. Adam lr 1e-4), ``scheduler``, ``aupro_fpr_limit``, ``num_map_examples``.
 
     Steps are the Trainer's ``max_steps``; every step sees its k images at 3 scales.
