@@ -26,6 +26,17 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_folder(tmp_path_factory) -> Path:
+    """The temp folder of every process the tests start. Some are killed on purpose (a crash, a lost node) and
+    cannot remove their temp files (W&B's, made when timm imports it; torchelastic's), so those land under
+    pytest's own temp folder, which pytest rotates, instead of piling up in /tmp."""
+    folder = tmp_path_factory.mktemp("subprocess_tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = FAKE_SIZE) -> Path:
     """Random RGB image (format from the suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
