@@ -37,7 +37,7 @@ Settings (rows), each scored on the target's test split (the detectors report th
 - ``densehybrid``: ``source_only``, ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
   ``dann``, ``dann_adabn`` (the dann job's selected checkpoint tested with AdaBN's exact target statistics,
-  ``exact_target_statistics``), ``adda`` (unlabelled target train split), ``target_full`` (source-only
+  ``configs/dann/exact_target_statistics.yaml``), ``adda`` (unlabelled target train split), ``target_full`` (source-only
   classifier trained on the target's labelled train split);
 - ``knn`` (the k-NN patch baseline, ``configs/meta_comparer/surfaces_knn.yaml``; nothing is trained, every job
   is a ``test`` that fits its memory bank on LODO's test-time references, ``references_from``):
@@ -357,6 +357,8 @@ def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str
     """DANN/ADDA/AdaBN: labelled source, unlabelled target; ``target_full`` trains on the target's labels."""
     mode = {"target_full": "source_only", "dann_adabn": "dann"}.get(job.setting, job.setting)
     configs = [CONFIGS / "dann" / f"surfaces_{mode}.yaml"]
+    if job.setting == "dann_adabn":
+        configs.append(CONFIGS / "dann" / "exact_target_statistics.yaml")
     source = args.target_domain if job.setting == "target_full" else args.source_domain
     common = [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
               *args.target_domain.data_args("target")]
@@ -368,8 +370,7 @@ def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str
                                            mode="adabn")
         return "test", [*common, "--ckpt_path", str(relabelled)]
     if job.setting == "dann_adabn":
-        checkpoint = source_checkpoint(job, records, "selected", trained_by="dann")
-        return "test", [*common, "--ckpt_path", str(checkpoint), "--model.init_args.exact_target_statistics", "true"]
+        return "test", [*common, "--ckpt_path", str(source_checkpoint(job, records, "selected", trained_by="dann"))]
     return "fit", [*common, *training_length(configs, args), "--run.test_after_fit", "true"]
 
 

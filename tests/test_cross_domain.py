@@ -245,8 +245,8 @@ def test_dann_adabn_tests_the_dann_fits_selected_checkpoint_with_exact_target_st
     (run_dir / "results.json").write_text(json.dumps({"checkpoint": str(selected)}))
     subcommand, arguments = cross_domain.dann_command(job, args, {"dann/dann": {"run_dir": str(run_dir)}})
     line = " ".join(arguments)
-    assert subcommand == "test" and "dann/surfaces_dann.yaml" in line
-    assert line.endswith(f"--ckpt_path {selected} --model.init_args.exact_target_statistics true")
+    assert subcommand == "test" and "dann/surfaces_dann.yaml --config " in line
+    assert "dann/exact_target_statistics.yaml" in line and line.endswith(f"--ckpt_path {selected}")
 
 
 def run_on_two_user_folders(tmp_path: Path, *runner_args: str) -> tuple[dict, Path]:
