@@ -23,9 +23,7 @@ Settings (rows), each scored on the target's test split (the detectors report th
   (source normals and the k shots), ``recalibrated`` (the source fit, then ShiftAD's target recalibration from
   the k shots, ``configs/padim/target_recalibration.yaml``; the table says in how many runs the safety rule
   kept the update), ``recalibrated_aligned`` (the same after moving the source Gaussians into the shots' channel
-  frame, ``configs/padim/target_recalibration_aligned.yaml``), ``recalibrated_auto`` (alignment and the source
-  weight both chosen per run by the held-out check, ``configs/padim/target_recalibration_auto.yaml``),
-  ``target_full`` (all target normals);
+  frame, ``configs/padim/target_recalibration_aligned.yaml``), ``target_full`` (all target normals);
 - ``csflow``: ``source_only`` (phase 1 on the source), ``k_only`` and ``source_plus_k`` (phase 1 on the k shots,
   on the source normals and the k shots), ``adapted`` (paper 001's phase 2 on the k target shots from the
   source-only checkpoint), ``adapted_safe`` (ShiftAD's phase 2, ``configs/csflow/adapt_regularised.yaml``:
@@ -91,10 +89,8 @@ CONFIGS = REPO / "configs"
 TRAINER = CONFIGS / "trainer" / "default.yaml"
 #: method -> its settings in table order; ``SHOT_SETTINGS`` run per k and fold
 SETTINGS = {
-    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned",
-              "recalibrated_auto", "target_full"),
-    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned",
-                  "recalibrated_auto", "target_full"),
+    "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
+    "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
     "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
                "target_full"),
     "densehybrid": ("source_only", "target_full"),
@@ -102,8 +98,8 @@ SETTINGS = {
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "recalibrated_auto", "adapted",
-                 "adapted_safe", "flow_tuned")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "adapted", "adapted_safe",
+                 "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
@@ -113,8 +109,6 @@ RECALIBRATION_CONFIGS = {("padim", "recalibrated"): "padim/target_recalibration.
                          ("gmm_padim", "recalibrated"): "padim/target_recalibration.yaml",
                          ("padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
                          ("gmm_padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
-                         ("padim", "recalibrated_auto"): "padim/target_recalibration_auto.yaml",
-                         ("gmm_padim", "recalibrated_auto"): "padim/target_recalibration_auto.yaml",
                          ("csflow", "recalibrated"): "csflow/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
 PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml"),
@@ -123,13 +117,12 @@ PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray
 RECALIBRATED_AT_TEST = ("csflow",)
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "recalibrated_aligned": "source", "recalibrated_auto": "source",
-            "adapted": "target_shots",
+            "recalibrated": "source", "recalibrated_aligned": "source", "adapted": "target_shots",
             "adapted_safe": "target_shots", "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: what the label-free check decided, copied from the run's metrics into its record where logged
-DECISIONS = (KEPT, "adapt/aligned", "adapt/prior_count")
+DECISIONS = (KEPT, "adapt/aligned")
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
 COLUMNS = (("target image AUROC", "target/image_auroc", "target/auroc"),
            ("target pixel AUROC", "target/pixel_auroc", None),

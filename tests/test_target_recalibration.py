@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset
 from cli import main
 from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.target_recalibration import (
-    AUTO_PRIOR_COUNTS,
     Gaussians,
     Moments,
     RecalibrationSpec,
@@ -125,31 +124,8 @@ def test_auto_alignment_takes_the_variant_with_the_lower_held_out_nll():
     assert not fixed[False].aligned and fixed[True].aligned
     with pytest.raises(ValueError, match="align_channels must be true, false or auto, got 'yes'"):
         RecalibrationSpec(align_channels="yes")
-    with pytest.raises(ValueError, match="auto are decided by safety_check"):
+    with pytest.raises(ValueError, match="align_channels auto is decided by safety_check"):
         recalibrated(source, Moments.of(shots.flatten(0, 1)), RecalibrationSpec(align_channels="auto"))
-
-
-def test_auto_prior_count_takes_the_source_weight_with_the_lowest_held_out_nll():
-    """Shots far from the source and alike: the least source weight explains the held-out shots best. Shots drawn
-    from the source itself: the most. Either way ``auto`` is the best of the fixed choices, by their own NLL."""
-    source = random_gaussians(positions=8, dim=5)
-    generator = torch.Generator().manual_seed(2)
-    samples = source.mean + (torch.linalg.cholesky(source.covariance)
-                             @ torch.randn(5, 4, 8, 5, 1, generator=generator, dtype=torch.float64))[..., 0]
-    for shots, expected in ((samples + 3.0, AUTO_PRIOR_COUNTS[0]), (samples, AUTO_PRIOR_COUNTS[-1])):
-        fixed = {count: safety_check(source, shots, RecalibrationSpec(prior_count=count), 0.01).adapted_nll
-                 for count in AUTO_PRIOR_COUNTS}
-        auto = safety_check(source, shots, RecalibrationSpec(prior_count="auto"), 0.01)
-        assert auto.prior_count == min(fixed, key=fixed.get) == expected
-        assert auto.adapted_nll == fixed[expected]
-    both = safety_check(source, samples * 2 + 3, RecalibrationSpec(prior_count="auto", align_channels="auto"), 0.01)
-    assert both.adapted_nll == min(
-        safety_check(source, samples * 2 + 3, RecalibrationSpec(prior_count=count, align_channels=aligned),
-                     0.01).adapted_nll for count in AUTO_PRIOR_COUNTS for aligned in (False, True))
-    with pytest.raises(ValueError, match="auto are decided by safety_check"):
-        recalibrated(source, Moments.of(samples.flatten(0, 1)), RecalibrationSpec(prior_count="auto"))
-    with pytest.raises(ValueError, match="prior_count must be a whole number >= 1 .* or auto, got 'many'"):
-        RecalibrationSpec(prior_count="many")
 
 
 def test_spec_errors_name_the_key():
@@ -261,7 +237,4 @@ def test_csflow_refuses_channel_alignment_by_name():
     model = CSFlow(image_size=64, hidden_channels=8, kernel_sizes=[3],
                    target_recalibration={"prior_count": 2, "align_channels": True})
     with pytest.raises(ValueError, match="align_channels moves PaDiM's per-position Gaussians"):
-        model.recalibrate_to_target(datamodule=None)
-    model = CSFlow(image_size=64, hidden_channels=8, kernel_sizes=[3], target_recalibration={"prior_count": "auto"})
-    with pytest.raises(ValueError, match="prior_count auto chooses PaDiM's source weight"):
         model.recalibrate_to_target(datamodule=None)

@@ -18,8 +18,7 @@ Only the shots' images are read, never a label.
 
 With ``align_channels``, the source Gaussians are first moved into the shots' channel frame (each channel's mean
 and spread over all positions), which is per-domain feature standardisation written into the Gaussians; ``auto``
-lets the held-out check choose, per run, between the update with and without it. ``prior_count: auto`` lets the
-same check choose the source's weight n₀ from ``AUTO_PRIOR_COUNTS`` (cross-validated shrinkage).
+lets the held-out check choose, per run, between the update with and without it.
 
 A normalizing flow (CS-Flow) has no fitted statistics to move: it maps source features onto N(0, I). There the
 same update acts behind the frozen flow: per scale and channel, the prior is the flow's N(0, 1), the evidence is
@@ -39,8 +38,6 @@ import torch
 Views = Literal["none", "flips"]
 VIEW_COUNTS = {"none": 1, "flips": 4}
 SAFETY_POSITIONS = 256  # positions the safety rule scores (an evenly spaced subset)
-#: the source weights ``prior_count: auto`` chooses from (embeddings per position), 64 the fixed default's
-AUTO_PRIOR_COUNTS = (4, 16, 64, 256)
 
 
 @dataclass
@@ -49,8 +46,6 @@ class RecalibrationSpec:
 
     Args:
         prior_count: weight of the source statistics, in embeddings per position (the shots count k·views).
-            ``auto``: the one of ``AUTO_PRIOR_COUNTS`` whose update explains the held-out shots best (the safety
-            rule's own NLL), decided per run (PaDiM only).
         views: label-preserving views of each shot: ``none`` or ``flips`` (identity, left-right, up-down and
             both, i.e. a half-turn: a flipped normal image is still normal).
         safety: apply the safety rule (False: always keep the update; its figures are still logged).
@@ -60,7 +55,7 @@ class RecalibrationSpec:
             explains the held-out shots better (the safety rule's own NLL), decided per run.
     """
 
-    prior_count: int | Literal["auto"] = 64
+    prior_count: int = 64
     views: Views = "flips"
     safety: bool = True
     align_channels: bool | Literal["auto"] = False
@@ -69,10 +64,9 @@ class RecalibrationSpec:
         if self.align_channels not in (True, False, "auto"):
             raise ValueError(f"target_recalibration.align_channels must be true, false or auto, got "
                              f"{self.align_channels!r}")
-        if self.prior_count != "auto" and (isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int)
-                                           or self.prior_count < 1):
+        if isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int) or self.prior_count < 1:
             raise ValueError(f"target_recalibration.prior_count must be a whole number >= 1 (embeddings per "
-                             f"position) or auto, got {self.prior_count!r}")
+                             f"position), got {self.prior_count!r}")
         if self.views not in VIEW_COUNTS:
             raise ValueError(f"target_recalibration.views must be one of {', '.join(VIEW_COUNTS)}, got "
                              f"{self.views!r}")
@@ -130,7 +124,6 @@ class SafetyVerdict(NamedTuple):
     source_nll: float
     held_out: str  # what was held out: "shots" or "views"
     aligned: bool = False  # whether the update moves the Gaussians into the shots' channel frame first
-    prior_count: int | None = None  # the source weight of the update (the chosen one under ``auto``)
 
 
 def label_preserving_views(images: torch.Tensor, views: Views) -> torch.Tensor:
@@ -179,9 +172,8 @@ def channel_aligned(source: Gaussians, target: Moments) -> Gaussians:
 
 def recalibrated(source: Gaussians, target: Moments, spec: RecalibrationSpec) -> Gaussians:
     """The update of the source Gaussians from the target shots' moments (see the module docstring)."""
-    if "auto" in (spec.align_channels, spec.prior_count):
-        raise ValueError("align_channels auto and prior_count auto are decided by safety_check: pass its verdict's "
-                         "choices (aligned, prior_count)")
+    if spec.align_channels == "auto":
+        raise ValueError("align_channels auto is decided by safety_check: pass its verdict's choice (aligned)")
     prior = channel_aligned(source, target) if spec.align_channels else source
     return shrunk(prior, target, spec.prior_count)
 
@@ -220,21 +212,14 @@ def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec
         fits = [Moments.of(shots[0, :half]), Moments.of(shots[0, half:])]
         kind = "views"
     held_out_nll = {}
-    for variant in candidates(spec):
+    for aligned in ((False, True) if spec.align_channels == "auto" else (bool(spec.align_channels),)):
+        variant = replace(spec, align_channels=aligned)
         folds = [mean_nll(recalibrated(source, fit, variant), held, eps)
                  for fit, held in zip(fits, held_out_sets, strict=True)]
-        held_out_nll[variant.align_channels, variant.prior_count] = sum(folds) / len(folds)
-    (aligned, prior_count), best = min(held_out_nll.items(), key=lambda item: item[1])
+        held_out_nll[aligned] = sum(folds) / len(folds)
+    aligned = min(held_out_nll, key=held_out_nll.get)
     baseline = mean_nll(source, shots.flatten(0, 1), eps)  # every held-out set once: the mean over the folds
-    return SafetyVerdict(best < baseline, best, baseline, kind, aligned, prior_count)
-
-
-def candidates(spec: RecalibrationSpec) -> list[RecalibrationSpec]:
-    """The updates the held-out check compares: one, or each choice an ``auto`` field leaves open."""
-    alignments = (False, True) if spec.align_channels == "auto" else (bool(spec.align_channels),)
-    prior_counts = AUTO_PRIOR_COUNTS if spec.prior_count == "auto" else (spec.prior_count,)
-    return [replace(spec, align_channels=aligned, prior_count=count)
-            for aligned in alignments for count in prior_counts]
+    return SafetyVerdict(held_out_nll[aligned] < baseline, held_out_nll[aligned], baseline, kind, aligned)
 
 
 class Standardisation(NamedTuple):
@@ -288,15 +273,10 @@ def verdict_summary(verdict: SafetyVerdict, kept: bool, spec: RecalibrationSpec,
     line = (f"target recalibration from {shots} shots x {VIEW_COUNTS[spec.views]} views: "
             f"{'kept' if kept else 'declined, source kept'} (held-out {verdict.held_out} NLL: updated "
             f"{verdict.adapted_nll:.3f}, source {verdict.source_nll:.3f}{'' if spec.safety else '; safety rule off'}"
-            f"{'; channels aligned' if verdict.aligned else ''}"
-            f"{f'; prior count {verdict.prior_count}' if spec.prior_count == 'auto' else ''})")
+            f"{'; channels aligned' if verdict.aligned else ''})")
     metrics = {"adapt/kept": float(kept), "adapt/heldout_nll_updated": verdict.adapted_nll,
                "adapt/heldout_nll_source": verdict.source_nll}
-    if spec.align_channels:
-        metrics["adapt/aligned"] = float(verdict.aligned)
-    if spec.prior_count == "auto":
-        metrics["adapt/prior_count"] = float(verdict.prior_count)
-    return line, metrics
+    return line, {**metrics, "adapt/aligned": float(verdict.aligned)} if spec.align_channels else metrics
 
 
 def target_shot_images(datamodule, key: str) -> torch.Tensor:

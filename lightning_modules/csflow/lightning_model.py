@@ -109,9 +109,6 @@ class CSFlowDetector(AnomalyDetectionModule):
         if spec.align_channels:
             raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; CS-Flow "
                              "standardises its flow outputs per channel already: leave it false")
-        if spec.prior_count == "auto":
-            raise ValueError("target_recalibration.prior_count auto chooses PaDiM's source weight; CS-Flow's is a "
-                             "number of images (configs/csflow/target_recalibration.yaml: 2)")
         images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
         views = label_preserving_views(images, spec.views)
         chunks = [self.model.flow(self.model.features(chunk))[0] for chunk in views.split(16)]

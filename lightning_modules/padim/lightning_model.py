@@ -116,9 +116,8 @@ class Padim(AnomalyDetectionModule):
         verdict = safety_check(source, shots, spec, self.model.covariance_eps)
         kept = verdict.kept or not spec.safety
         if kept:
-            chosen = replace(spec, align_channels=verdict.aligned, prior_count=verdict.prior_count)
-            update = recalibrated(source, Moments.of(shots.flatten(0, 1)), chosen)
-            self.model.set_gaussians(update, chosen.prior_count + shots.shape[0] * shots.shape[1])
+            update = recalibrated(source, Moments.of(shots.flatten(0, 1)), replace(spec, align_channels=verdict.aligned))
+            self.model.set_gaussians(update, spec.prior_count + shots.shape[0] * shots.shape[1])
         line, metrics = verdict_summary(verdict, kept, spec, shots.shape[0])
         log.info(line)
         # one value per fit, written at the epoch's end whatever log_every_n_steps
