@@ -16,9 +16,11 @@ from lightning_modules.components.target_recalibration import (
     as_recalibration_spec,
     channel_aligned,
     flow_output_recalibration,
+    label_preserving_views,
     recalibrated,
     safety_check,
     shrunk,
+    views_per_shot,
 )
 from lightning_modules.csflow import CSFlow
 from lightning_modules.padim import Padim, PadimModel
@@ -126,6 +128,15 @@ def test_auto_alignment_takes_the_variant_with_the_lower_held_out_nll():
         RecalibrationSpec(align_channels="yes")
     with pytest.raises(ValueError, match="align_channels auto is decided by safety_check"):
         recalibrated(source, Moments.of(shots.flatten(0, 1)), RecalibrationSpec(align_channels="auto"))
+
+
+def test_views_per_shot_puts_view_v_of_shot_i_at_i_v_for_every_output_and_chunking():
+    images = torch.rand(3, 3, 4, 4)
+    expected = label_preserving_views(images, "flips").reshape(4, 3, 3, 4, 4).transpose(0, 1)
+    for batch_size in (1, 5, 32):
+        plain, doubled = views_per_shot(lambda chunk: [chunk, 2 * chunk[:, :1]], images, "flips", batch_size)
+        assert torch.equal(plain, expected) and torch.equal(doubled, 2 * expected[:, :, :1])
+        assert torch.equal(plain[1, 2], images[1].flip(-2))  # shot 1, its up-down flip
 
 
 def test_spec_errors_name_the_key():

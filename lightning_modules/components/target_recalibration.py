@@ -255,17 +255,19 @@ def flow_output_recalibration(shots_z: list[torch.Tensor], spec: RecalibrationSp
     return standardisation, SafetyVerdict(adapted < source, adapted, source, kinds.pop())
 
 
-def per_shot(view_major: torch.Tensor, views: Views) -> torch.Tensor:
-    """[V·k, ...] in the order of ``label_preserving_views`` -> [k, V, ...]."""
-    return view_major.reshape(VIEW_COUNTS[views], -1, *view_major.shape[1:]).transpose(0, 1)
+def views_per_shot(forward: Callable[[torch.Tensor], list[torch.Tensor]], images: torch.Tensor, views: Views,
+                   batch_size: int = 32) -> list[torch.Tensor]:
+    """images [k, 3, H, W] -> for each output of ``forward`` (a list of [B, ...] tensors), the outputs of the
+    shots' views [k, V, ...], computed ``batch_size`` views at a time."""
+    chunks = [forward(chunk) for chunk in label_preserving_views(images, views).split(batch_size)]  # view-major
+    return [torch.cat(output).reshape(VIEW_COUNTS[views], len(images), *output[0].shape[1:]).transpose(0, 1)
+            for output in zip(*chunks, strict=True)]
 
 
-def embed_views(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, views: Views,
-                batch_size: int = 32) -> torch.Tensor:
+def embed_views(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, views: Views) -> torch.Tensor:
     """images [k, 3, H, W] -> per-shot view embeddings [k, V, P, D] (float32), ``embed`` giving [B, D, h, w]."""
-    all_views = label_preserving_views(images, views)  # view-major
-    maps = torch.cat([embed(chunk) for chunk in all_views.split(batch_size)])
-    return per_shot(maps.flatten(2).transpose(1, 2), views)  # [k, V, P, D]
+    (maps,) = views_per_shot(lambda chunk: [embed(chunk)], images, views)
+    return maps.flatten(3).transpose(2, 3)
 
 
 def verdict_summary(verdict: SafetyVerdict, kept: bool, spec: RecalibrationSpec, shots: int) -> tuple[str, dict]:

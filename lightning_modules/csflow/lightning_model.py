@@ -34,10 +34,9 @@ from lightning_modules.components.target_recalibration import (
     as_recalibration_spec,
     cycled_flips,
     flow_output_recalibration,
-    label_preserving_views,
-    per_shot,
     target_shot_images,
     verdict_summary,
+    views_per_shot,
 )
 from lightning_modules.components.torch_files import load_torch_file
 from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
@@ -110,11 +109,9 @@ class CSFlowDetector(AnomalyDetectionModule):
             raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; CS-Flow "
                              "standardises its flow outputs per channel already: leave it false")
         images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
-        views = label_preserving_views(images, spec.views)
-        chunks = [self.model.flow(self.model.features(chunk))[0] for chunk in views.split(16)]
-        z = [torch.cat(scale) for scale in zip(*chunks, strict=True)]
+        z = views_per_shot(lambda chunk: self.model.flow(self.model.features(chunk))[0], images, spec.views, 16)
         self.check_finite({"target shot flow output": torch.cat([t.flatten() for t in z])})
-        standardisation, verdict = flow_output_recalibration([per_shot(t, spec.views) for t in z], spec)
+        standardisation, verdict = flow_output_recalibration(z, spec)
         kept = verdict.kept or not spec.safety
         if kept:
             self.model.set_output_standardisation(standardisation.mean, standardisation.std)
