@@ -83,7 +83,17 @@ class Ledger:
             self._end_claims({key})
 
     def _claims(self) -> dict[str, list]:
-        return json.loads(self.claims_path.read_text()) if self.claims_path.is_file() else {}
+        if not self.claims_path.is_file():
+            return {}
+        try:
+            claims = json.loads(self.claims_path.read_text())
+            if not all(isinstance(owner, list) and len(owner) == 2 for owner in claims.values()):
+                raise TypeError("an owner is not [host, pid]")
+        except (json.JSONDecodeError, AttributeError, TypeError) as error:
+            raise SystemExit(f"job claims {self.claims_path} are unreadable ({error!r}); expected {{job key: [host, "
+                             f"pid]}}. It lists only the jobs running now: delete it once no sweep on "
+                             f"{self.path} runs") from error
+        return claims
 
     def _end_claims(self, keys: set[str]) -> None:
         claims = self._claims()

@@ -371,6 +371,9 @@ def test_a_job_claimed_by_a_live_sweep_is_not_run_twice_and_a_dead_sweeps_claim_
     assert Ledger(path, key, owner=("another-host", 1)).claim("d") == [{"key": "a", "value": 1}]
     assert mine.claim("d") is None  # a process on another host cannot be checked: its claim stands
     assert Ledger(path, key, is_current=lambda record: False).claim("a") is not None  # a stale record is rerun
+    mine.claims_path.write_text("{truncated")
+    with pytest.raises(SystemExit, match=r"job claims .*ledger.claims.json are unreadable .* delete it once no sweep"):
+        mine.claim("e")
 
 
 def test_a_sweep_skips_the_job_another_sweep_on_its_ledger_runs(tmp_path, monkeypatch, capsys):
