@@ -78,7 +78,7 @@ def test_a_legal_test_time_option_is_applied(checkpoints, surfaces_root, tmp_pat
 
 def test_other_model_options_at_test_time_are_refused_by_name(checkpoints, surfaces_root, tmp_path):
     with pytest.raises(ValueError, match=r"model.init_args.pooling: checkpoint 'max', config 'avg'.*change at test "
-                                         r"time: mode"):
+                                         r"time: exact_target_statistics, mode"):
         main(["test", *dann(surfaces_root, "source_only"), "--model.init_args.pooling", "avg",
               "--run.root", str(tmp_path), "--ckpt_path", str(checkpoints["source_only"])])
     with pytest.raises(ValueError, match=r"model.init_args.num_features: checkpoint 8, config 4"):
