@@ -126,11 +126,11 @@ def _alive(owner: list) -> bool:
     if host != socket.gethostname():
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: another user's live process
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
