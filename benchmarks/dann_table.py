@@ -97,8 +97,10 @@ def percent(values: list[float]) -> str:
     return mean_std(values, scale=100, digits=2)
 
 
-def tables(records: list[dict], modes: tuple[str, ...]) -> str:
+def tables(records: list[dict]) -> str:
+    """The ledger's tables, with a column for every mode it records, whichever modes the last sweep ran."""
     records = [r for r in records if is_current(r)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
     out = []
     for direction in DIRECTIONS:
         rows = [r for r in records if r["direction"] == direction]
@@ -154,8 +156,8 @@ def main() -> None:
     records = ledger.merge()
     done = {record_key(r) for r in records if is_current(r)}
     if args.table_only:
-        out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
-        print(tables(records, tuple(args.modes)))
+        out.with_suffix(".md").write_text(tables(records))
+        print(tables(records))
         return
     # Seed-major order: a sweep cut short still has whole seeds for every category and mode.
     jobs = [(direction, category, mode, seed) for seed in args.seeds for direction in args.directions
@@ -199,11 +201,11 @@ def main() -> None:
                     records = ledger.merge([record])
                     print(f"{job_key(*job)}: target {record['target/accuracy']:.4f} "
                           f"source {record['source/accuracy']:.4f} ({record['seconds']:.0f} s)", flush=True)
-                    out.with_suffix(".md").write_text(tables(records, tuple(args.modes)))
+                    out.with_suffix(".md").write_text(tables(records))
                 if job in waiting:  # without a checkpoint (the fit failed) the adabn job fits on its own
                     queue.appendleft(waiting.pop(job))
             submit_next()
-    print(tables(records, tuple(args.modes)))
+    print(tables(records))
     if failures:
         raise SystemExit(f"{len(failures)} job(s) failed; rerun the same command to retry them")
 
