@@ -109,6 +109,18 @@ def surfaces_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def context(surfaces_root, tmp_path_factory) -> dict:
+    """What some cases of ``tests/methods.py`` need from others: a CS-Flow phase-1 checkpoint for phase 2."""
+    from cli import main
+    from tests.methods import CASES, fit_args, last_checkpoint
+
+    runs = tmp_path_factory.mktemp("case_context")
+    csflow = next(case for case in CASES if case.name == "csflow")
+    main(["fit", *fit_args(csflow, surfaces_root, runs, {})])
+    return {"csflow_source": last_checkpoint(runs, csflow)}
+
+
+@pytest.fixture(scope="session")
 def surfaces_line_b_root(tmp_path_factory) -> Path:
     """A tiny build of the second production line (``surfaces_line_b``): other images of the same materials."""
     spec = dataclasses.replace(TINY_SURFACES, line="b")

@@ -149,6 +149,13 @@ def last_checkpoint(runs: Path, case: Case) -> Path:
     return run_dir(runs, case) / "checkpoints" / "last.ckpt"
 
 
+def fit_args(case: Case, root: Path, runs: Path, context: dict, processes: int = 1) -> list[str]:
+    """The case's fit arguments at its test length, with each of ``processes`` processes given its share of the
+    batch."""
+    steps = [] if case.loss_key is None else ["--trainer.max_steps", str(case.steps)]
+    return [*case.args(root, runs, context), case.batch_option, str(case.batch_size // processes), *steps]
+
+
 def results(folder: Path) -> dict[str, float]:
     return json.loads((folder / "results.json").read_text())["metrics"]
 

@@ -18,26 +18,12 @@ import torch
 
 from cli import main
 from lightning_modules.base import NonFiniteLossError
-from tests.methods import CASES, Case, last_checkpoint, logged, results, run_cli, run_dir, weights
+from tests.methods import CASES, Case, fit_args, last_checkpoint, logged, results, run_cli, run_dir, weights
 from tests.wandb_offline import summary
 
 IDS = [case.name for case in CASES]
 #: the figure each method logs (besides the results table)
 FIGURES = ("anomaly_maps", "tsne_start", "tsne_end", "gmm_reconstructions")
-
-
-@pytest.fixture(scope="module")
-def context(surfaces_root, tmp_path_factory) -> dict:
-    """What some cases need from others: a CS-Flow phase-1 checkpoint for the adaptation case."""
-    runs = tmp_path_factory.mktemp("matrix_context")
-    csflow = next(case for case in CASES if case.name == "csflow")
-    main(["fit", *fit_args(csflow, surfaces_root, runs, {})])
-    return {"csflow_source": last_checkpoint(runs, csflow)}
-
-
-def fit_args(case: Case, root: Path, runs: Path, context: dict, processes: int = 1) -> list[str]:
-    steps = [] if case.loss_key is None else ["--trainer.max_steps", str(case.steps)]
-    return [*case.args(root, runs, context), case.batch_option, str(case.batch_size // processes), *steps]
 
 
 def callback(class_path: str, case: Case, **init_args) -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from cli import RUN_DIR_ENV, main
-from tests.methods import CASES, REPO, results, weights
-from tests.test_matrix import callback, fit_args, one_thread
+from tests.methods import CASES, REPO, fit_args, results, weights
+from tests.test_matrix import callback, one_thread
 
 DANN = next(case for case in CASES if case.name == "dann")
 #: seconds a node may take; a rendezvous waiting for a node that never comes fails the test instead of hanging

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from cli import main
-from tests.methods import CASES, REPO, Case
-from tests.test_matrix import callback, fit_args
+from tests.methods import CASES, REPO, Case, fit_args
+from tests.test_matrix import callback
 
 JOB = "4242"
-REQUEUED = [case for case in CASES if case.name in ("dann", "padim")]
+# CS-Flow's safe phase 2: the requeued job must reach the same safety decision at its final step
+REQUEUED = [case for case in CASES if case.name in ("dann", "padim", "csflow_adapt_safe")]
 
 
 def fake_slurm_job(monkeypatch, tmp_path: Path, job: str, scontrol: bool = True) -> Path:
@@ -43,15 +44,16 @@ def final_checkpoint(runs: Path, case: Case, job: str) -> dict:
 
 
 @pytest.mark.parametrize("case", REQUEUED, ids=[case.name for case in REQUEUED])
-def test_requeued_slurm_job_ends_bitwise_equal_to_an_uninterrupted_one(case, surfaces_root, tmp_path, monkeypatch):
+def test_requeued_slurm_job_ends_bitwise_equal_to_an_uninterrupted_one(case, surfaces_root, context, tmp_path,
+                                                                      monkeypatch):
     runs = tmp_path / "runs"
     fake_slurm_job(monkeypatch, tmp_path, "4141")
-    main(["fit", *fit_args(case, surfaces_root, runs, {})])
+    main(["fit", *fit_args(case, surfaces_root, runs, context)])
     straight = final_checkpoint(runs, case, "4141")
 
     calls = fake_slurm_job(monkeypatch, tmp_path, JOB)
     # The same command for both launches: the signal callback fires in the first one only.
-    command = ["fit", *fit_args(case, surfaces_root, runs, {}),
+    command = ["fit", *fit_args(case, surfaces_root, runs, context),
                *callback("tests.toy.SignalAtStep", case, step=case.preempt_at, signal_name="SIGUSR1", mid_step="true",
                          sent_marker=str(tmp_path / "signal_sent"))]
     with pytest.raises(SystemExit) as stopped:
