@@ -280,8 +280,8 @@ class CSFlowAdaptation(CSFlowDetector):
 
     def on_train_epoch_end(self) -> None:
         # Runs before the checkpoint callbacks' epoch end, so the last checkpoint holds the decision. Not
-        # `fit_loop.done`: it is also true when a preemption sets `should_stop`, and the resumed run would then
-        # continue from a decided model.
+        # `fit_loop.done`: reading it logs and updates the loop's progress counters, and it is also true when a
+        # callback sets `should_stop`, after which a run may still be resumed.
         trainer = self.trainer
         final = (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or (
             trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs)
