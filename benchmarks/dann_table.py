@@ -138,7 +138,8 @@ def main() -> None:
     parser.add_argument("--run-root", default="runs/dann_table_runs", help="run folders of the jobs")
     parser.add_argument("--categories", nargs="+", default=list(SURFACES_CATEGORIES), choices=SURFACES_CATEGORIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="modes to run; the tables show every mode the ledger holds")
     parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     parser.add_argument("--image-size", type=int, default=None, help="override data.image_size of the configs")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs of the configs")
