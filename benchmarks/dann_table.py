@@ -157,8 +157,9 @@ def main() -> None:
     records = ledger.merge()
     done = {record_key(r) for r in records if is_current(r)}
     if args.table_only:
-        out.with_suffix(".md").write_text(tables(records))
-        print(tables(records))
+        table = tables(records)
+        out.with_suffix(".md").write_text(table)
+        print(table)
         return
     # Seed-major order: a sweep cut short still has whole seeds for every category and mode.
     jobs = [(direction, category, mode, seed) for seed in args.seeds for direction in args.directions

@@ -18,7 +18,7 @@ from cli import ConfigError, main
 from datamodules import Domain, OneClassDataModule
 from datamodules.predict import PREDICT_PATH_KEY, PredictImages, list_predict_files
 from lightning_modules.components.calibration import ScoreCalibration, ThresholdSpec, prediction
-from tests.methods import CASES, QUIET, Case, config, last_checkpoint, run_cli
+from tests.methods import CASES, QUIET, Case, config, fit_args, last_checkpoint, run_cli
 
 CASE = {case.name: case for case in CASES}
 
@@ -263,8 +263,8 @@ def test_a_folder_of_corrupt_images_only_is_an_error_after_naming_them(surfaces_
 def fit_case(name: str, root: Path, runs: Path, context: dict) -> tuple[Case, list[str], Path]:
     """A tiny fit of one case of ``tests/methods.py``: (case, its arguments, its last checkpoint)."""
     case = CASE[name]
-    args = [*case.args(root, runs, context), case.batch_option, str(case.batch_size)]
-    main(["fit", *args, *([] if case.loss_key is None else ["--trainer.max_steps", str(case.steps)])])
+    args = fit_args(case, root, runs, context)  # its max_steps does nothing in the later predict and test
+    main(["fit", *args])
     return case, args, last_checkpoint(runs, case)
 
 
