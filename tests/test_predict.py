@@ -268,12 +268,6 @@ def fit_case(name: str, root: Path, runs: Path, context: dict) -> tuple[Case, li
     return case, args, last_checkpoint(runs, case)
 
 
-@pytest.fixture(scope="module")
-def csflow_source(surfaces_root, tmp_path_factory) -> tuple[Case, list[str], Path]:
-    """CS-Flow phase 1: predicted on, and the starting point of phase 2."""
-    return fit_case("csflow", surfaces_root, tmp_path_factory.mktemp("csflow_source"), {})
-
-
 def predicted_rows(args: list[str], predict_path: Path, runs: Path) -> tuple[list[dict], Path, list[str]]:
     """``cli.py predict`` in this process: (CSV rows, run folder, warnings)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -306,17 +300,16 @@ PREDICTED = {"padim": (True, "source"), "csflow_adapt": (True, "source"), "dense
 
 
 @pytest.mark.parametrize("name", PREDICTED)
-def test_every_method_predicts_a_folder_from_its_checkpoint(name, surfaces_root, csflow_source, predict_folder,
-                                                            tmp_path):
-    context = {"csflow_source": csflow_source[2]}
+def test_every_method_predicts_a_folder_from_its_checkpoint(name, surfaces_root, context, predict_folder, tmp_path):
     case, args, checkpoint = fit_case(name, surfaces_root, tmp_path, context)
     rows, run_dir, messages = predicted_rows([*args, "--ckpt_path", str(checkpoint)], predict_folder, tmp_path)
     check_predictions(rows, run_dir, messages, predict_folder, *PREDICTED[name])
 
 
-def test_csflow_phase_one_predicts_a_folder(csflow_source, predict_folder):
-    case, args, checkpoint = csflow_source
+def test_csflow_phase_one_predicts_a_folder(surfaces_root, context, predict_folder):
+    checkpoint = context["csflow_source"]  # the session's phase-1 fit (tests/conftest.py)
     runs = checkpoint.parents[4]
+    args = fit_args(CASE["csflow"], surfaces_root, runs, {})
     rows, run_dir, messages = predicted_rows([*args, "--ckpt_path", str(checkpoint)], predict_folder, runs)
     check_predictions(rows, run_dir, messages, predict_folder, True, "source")
 
