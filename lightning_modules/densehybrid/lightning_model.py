@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, get_args
 
 import torch
 
 from lightning_modules.base import AnomalyDetectionModule
-from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.backbone import BackboneSpec, as_backbone_spec
 from lightning_modules.components.negative_pasting import (
     NegativeBankSpec,
     NegativePaster,
@@ -60,6 +61,9 @@ class DenseHybridAD(AnomalyDetectionModule):
     """
 
     method_name = "densehybrid"
+    # Scoring choices only: the weights do not depend on them.
+    test_time_options = {**AnomalyDetectionModule.test_time_options, "anomaly_score": None,
+                         "image_score_quantile": None}
 
     def __init__(
         self,
@@ -67,10 +71,10 @@ class DenseHybridAD(AnomalyDetectionModule):
         freeze: FreezePolicy = "all",
         primary_task: PrimaryTask = "none",
         num_classes: int = PASCAL_VOC_CLASSES,
-        backbone: BackboneSpec | None = None,
+        backbone: BackboneSpec | dict | None = None,
         decoder_channels: int = 128,
         deeplab_weights: str | None = None,
-        negatives: NegativeBankSpec | None = None,
+        negatives: NegativeBankSpec | dict | None = None,
         paste_shape: PasteShape = "mask",
         paste_probability: float = 1.0,
         paste_reference_size: int = 256,
@@ -89,8 +93,14 @@ class DenseHybridAD(AnomalyDetectionModule):
             raise ValueError(f"anomaly_score must be one of {', '.join(ANOMALY_SCORES)}, got {anomaly_score!r}")
         if not 0 < image_score_quantile <= 1:
             raise ValueError(f"image_score_quantile must be in (0, 1], got {image_score_quantile}")
+        backbone = as_backbone_spec(backbone)
+        negatives = NegativeBankSpec(**negatives) if isinstance(negatives, dict) else negatives or NegativeBankSpec()
+        # In the checkpoint, so a test or a load rebuilds this model and scores as it was trained to; plain
+        # types only, so the checkpoint loads with weights_only=True.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams.update(backbone=dataclasses.asdict(backbone), negatives=dataclasses.asdict(negatives))
         self.model = DenseHybridModel(build, num_classes, freeze, backbone, decoder_channels, deeplab_weights)
-        self.negatives = negatives or NegativeBankSpec()
+        self.negatives = negatives
         self.paster = NegativePaster(negative_bank(self.negatives), paste_shape, paste_probability,
                                      reference_size=paste_reference_size)
         self.primary_task = primary_task
