@@ -210,6 +210,13 @@ def test_a_checkpoint_rebuilds_its_model_and_takes_only_scoring_options_at_test_
         main(["test", *cli_args(surfaces_root, tmp_path), "--ckpt_path", str(checkpoint)])
 
 
+def test_unknown_keys_of_the_nested_options_are_named():
+    with pytest.raises(ValueError, match=r"^negatives has unknown key\(s\) \['sizee'\]; expected some of \['source'"):
+        DenseHybridAD(negatives={"sizee": 3})
+    with pytest.raises(ValueError, match=r"^backbone has unknown key\(s\) \['nmae'\]; expected some of \['name'"):
+        DenseHybridAD(backbone={"nmae": "resnet18"})
+
+
 def test_primary_task_category_in_bf16_mixed(surfaces_root, tmp_path):
     extra = ("--data.init_args.source.category", "[brick, woven]", "--model.init_args.primary_task", "category",
              "--model.init_args.num_classes", "2", "--model.init_args.paste_shape", "mixed",

@@ -29,6 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import create_feature_extractor, split_model_name_tag
 from torch import nn
 
+from lightning_modules.components.specs import spec_from
 from lightning_modules.components.torch_files import load_torch_file
 
 PACKAGED_ARCH = "efficientnet_lite0"
@@ -64,9 +65,7 @@ class BackboneSpec:
 
 def as_backbone_spec(value: BackboneSpec | dict | None) -> BackboneSpec:
     """The spec from a dict (a checkpoint's plain hyperparameters) or as given; None is the default backbone."""
-    if value is None:
-        return BackboneSpec()
-    return value if isinstance(value, BackboneSpec) else BackboneSpec(**value)
+    return BackboneSpec() if value is None else spec_from(value, BackboneSpec, "backbone")
 
 
 def packaged_weights_path() -> Path | None:

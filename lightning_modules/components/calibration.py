@@ -25,7 +25,6 @@ the normals reach below it lands at 1.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from lightning_modules.components.metrics import ScoreCollector, sample_ids
+from lightning_modules.components.specs import spec_from
 
 Method = Literal["quantile", "f1_adaptive", "manual"]
 CalibrateOn = Literal["source", "target_shots"]
@@ -86,17 +86,7 @@ class ThresholdSpec:
 
 
 def as_threshold_spec(value: ThresholdSpec | dict | None) -> ThresholdSpec:
-    if value is None:
-        return ThresholdSpec()
-    if isinstance(value, ThresholdSpec):
-        return value
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(ThresholdSpec)})
-        if unknown:
-            raise ValueError(f"{_THRESHOLD_KEY}: unknown key(s) {unknown}; expected "
-                             f"{[f.name for f in dataclasses.fields(ThresholdSpec)]}")
-        return ThresholdSpec(**value)
-    raise ValueError(f"{_THRESHOLD_KEY} must be a mapping of ThresholdSpec fields, got {value!r}")
+    return ThresholdSpec() if value is None else spec_from(value, ThresholdSpec, _THRESHOLD_KEY)
 
 
 def quantile(values: torch.Tensor, q: float) -> float:

@@ -35,6 +35,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from lightning_modules.components.specs import spec_from
+
 Views = Literal["none", "flips"]
 VIEW_COUNTS = {"none": 1, "flips": 4}
 SAFETY_POSITIONS = 256  # positions the safety rule scores (an evenly spaced subset)
@@ -79,16 +81,7 @@ RECALIBRATION_OPTIONS: dict[str, None] = {"target_recalibration": None, **{
 
 def as_recalibration_spec(value: RecalibrationSpec | dict | None) -> RecalibrationSpec | None:
     """The spec from a dict (a checkpoint's hyperparameters, Python callers) or as given."""
-    if value is None or isinstance(value, RecalibrationSpec):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"target_recalibration must be a mapping of {list(RecalibrationSpec.__dataclass_fields__)}"
-                         f", got {value!r}")
-    unknown = sorted(set(value) - set(RecalibrationSpec.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"target_recalibration has unknown key(s) {unknown}; expected some of "
-                         f"{list(RecalibrationSpec.__dataclass_fields__)}")
-    return RecalibrationSpec(**value)
+    return None if value is None else spec_from(value, RecalibrationSpec, "target_recalibration")
 
 
 class Gaussians(NamedTuple):

@@ -15,6 +15,7 @@ from lightning_modules.components.negative_pasting import (
     PasteShape,
     negative_bank,
 )
+from lightning_modules.components.specs import spec_from
 from lightning_modules.densehybrid.loss import densehybrid_loss
 from lightning_modules.densehybrid.torch_model import (
     ANOMALY_SCORES,
@@ -94,7 +95,7 @@ class DenseHybridAD(AnomalyDetectionModule):
         if not 0 < image_score_quantile <= 1:
             raise ValueError(f"image_score_quantile must be in (0, 1], got {image_score_quantile}")
         backbone = as_backbone_spec(backbone)
-        negatives = NegativeBankSpec(**negatives) if isinstance(negatives, dict) else negatives or NegativeBankSpec()
+        negatives = NegativeBankSpec() if negatives is None else spec_from(negatives, NegativeBankSpec, "negatives")
         # In the checkpoint, so a test or a load rebuilds this model and scores as it was trained to; plain
         # types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
