@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the DataModules for --help and class_path lookup)
@@ -270,6 +270,9 @@ class ShiftADCLI(LightningCLI):
         model_class = _import_class(config_path)
         _check_same_method(ckpt_path, checkpoint.get("shiftad_method"), stored_path, config_path, model_class)
         if not hparams:
+            rank_zero_warn(f"{ckpt_path} stores no model hyperparameters (written before its method saved them): "
+                           f"the config's model arguments are used as given, and nothing checks that they match "
+                           f"the model that was trained")
             return
         self._apply_test_time_options(subcommand, ckpt_path, hparams, model_class)
         model = {"class_path": stored_path, "dict_kwargs": hparams} if stored_path else hparams

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import cli
@@ -84,6 +85,15 @@ def test_other_model_options_at_test_time_are_refused_by_name(checkpoints, surfa
     with pytest.raises(ValueError, match=r"model.init_args.num_features: checkpoint 8, config 4"):
         main(["test", *padim(surfaces_root), "--model.init_args.num_features", "4", "--run.root", str(tmp_path),
               "--ckpt_path", str(checkpoints["padim"])])
+
+
+def test_a_checkpoint_without_hyperparameters_is_tested_with_a_warning(checkpoints, surfaces_root, tmp_path):
+    stripped = tmp_path / "old.ckpt"
+    checkpoint = torch.load(checkpoints["padim"], weights_only=True)
+    del checkpoint["hyper_parameters"]  # as DenseHybrid's were before it saved them
+    torch.save(checkpoint, stripped)
+    with pytest.warns(UserWarning, match=r"old.ckpt stores no model hyperparameters .* nothing checks that they match"):
+        main(["test", *padim(surfaces_root), "--run.root", str(tmp_path / "runs"), "--ckpt_path", str(stripped)])
 
 
 def test_a_test_on_other_data_is_filed_under_both_data_tags(checkpoints, surfaces_root, tmp_path):
