@@ -141,6 +141,8 @@ def test_preempted_fit_resumes_to_bitwise_the_same_weights(case, surfaces_root, 
     assert stopped.value.code == 143
     saved = torch.load(last_checkpoint(preempted, case), weights_only=True)
     final = torch.load(last_checkpoint(straight, case), weights_only=True)
+    # what `cli.py test --ckpt_path` rebuilds the model from and checks the config against
+    assert set(final.get("hyper_parameters") or {}) - {"_instantiator", "_class_path"}, "no hyperparameters saved"
     assert 0 < batches_trained(saved) < batches_trained(final)  # stopped mid-fit
     if case.name == "adda":  # stopped inside the adversarial phase, where M_s must stay frozen after the resume
         assert bool(saved["state_dict"]["model.target_encoder_ready"])
