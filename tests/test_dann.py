@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from cli import main
 from datamodules import Domain, PairedDomainDataModule
 from lightning_modules.adda import ADDA
+from lightning_modules.components.batchnorm_statistics import batch_norms
 from lightning_modules.components.discriminator import DomainDiscriminator, domain_loss
 from lightning_modules.components.gradient_reversal import (
     GradientReversal,
@@ -19,7 +20,6 @@ from lightning_modules.components.gradient_reversal import (
     reverse_gradient,
 )
 from lightning_modules.components.inverse_decay_lr import InverseDecayLR
-from lightning_modules.components.pooled_encoder import batch_norms
 from lightning_modules.dann import DANN
 from tests.methods import logged
 

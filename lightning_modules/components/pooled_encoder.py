@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
 
@@ -37,10 +36,3 @@ class PooledEncoder(nn.Module):
         pooled = feature_map.mean(dim=(2, 3)) if self.pooling == "avg" else feature_map.amax(dim=(2, 3))
         return self.bottleneck(pooled)
 
-
-def batch_norms(module: nn.Module) -> list[_BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
-
-
-def named_batch_norms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)]

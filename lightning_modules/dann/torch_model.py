@@ -18,12 +18,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.batchnorm_statistics import (
+    ChannelMoments,
+    batch_norms,
+    forward_order,
+    layer_input,
+    named_batch_norms,
+    trained_batch_norms,
+)
 from lightning_modules.components.discriminator import DomainDiscriminator
 from lightning_modules.components.gradient_reversal import reverse_gradient
-from lightning_modules.components.pooled_encoder import PooledEncoder, batch_norms, named_batch_norms
+from lightning_modules.components.pooled_encoder import PooledEncoder
 
 BN_POLICIES = ("joint", "per_domain", "frozen")
 DOMAINS = ("source", "target")
@@ -59,42 +66,6 @@ class TargetBatchNormStatistics(nn.Module):
         index = self.layer_names.index(name)
         getattr(self, f"mean_{index}").copy_(mean)
         getattr(self, f"var_{index}").copy_(var)
-
-
-class _LayerReached(Exception):
-    """Stops a forward pass once the layer whose input is being measured has seen it."""
-
-
-class ChannelMoments:
-    """Exact per-channel mean and unbiased variance of tensors [N, C, ...] seen batch by batch (float64).
-
-    Batches are merged with Chan et al.'s pairwise update, so the result is that of all values at once,
-    including the variance between batches.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean = self.m2 = None
-
-    def add(self, values: torch.Tensor) -> None:
-        channels = values.detach().double().transpose(0, 1).reshape(values.shape[1], -1)
-        count = channels.shape[1]
-        mean = channels.mean(dim=1)
-        m2 = (channels - mean[:, None]).pow(2).sum(dim=1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * count / total)
-        self.count = total
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, unbiased variance), as BatchNorm stores its running statistics."""
-        if self.count < 2:
-            raise ValueError(f"need at least 2 values per channel for a variance, got {self.count}")
-        return self.mean, self.m2 / (self.count - 1)
 
 
 class DomainAdaptiveClassifier(nn.Module):
@@ -138,56 +109,21 @@ class DomainAdaptiveClassifier(nn.Module):
     @torch.no_grad()
     def estimate_target_statistics(self, target_batches: Iterable[torch.Tensor]) -> None:
         """AdaBN: each re-estimated BatchNorm's target mean and (unbiased) variance become those of its input
-        over all target images, with the earlier layers already normalising with their new target statistics.
-
-        The layers are estimated one after another in the order the forward pass reaches them: one pass over
-        the target images per layer, each stopped at that layer (a single pass with batch statistics would
-        give the earlier layers' batch-normalised inputs, not what evaluation feeds them). Only the BatchNorms
-        whose statistics were learned on the source (the trainable ones) are re-estimated: a frozen backbone
-        stage kept its pretrained (ImageNet) statistics for the source too, and replacing them with target
-        statistics would feed the head features of a kind it never saw.
-        """
+        over all target images, with the earlier layers already normalising with their new target statistics
+        (``components.batchnorm_statistics``: layer after layer, only the BatchNorms trained on the source)."""
         batches = list(target_batches)
         if not batches:
             raise ValueError("AdaBN needs target images to estimate statistics from; got none")
-        trainable = {id(layer) for layer in batch_norms(self.encoder) if any(p.requires_grad for p in layer.parameters())}
         was_training = self.training
         self.eval()
-        order = self._forward_order(batches[0], [(n, m) for n, m in named_batch_norms(self.encoder)
-                                                 if id(m) in trainable])
-        for name, layer in order:
+        forward = self.encode_with_target_statistics
+        for name, layer in forward_order(forward, batches[0], trained_batch_norms(self.encoder)):
             moments = ChannelMoments()
-
-            def measure(_module, inputs, moments=moments):
-                moments.add(inputs[0])
-                raise _LayerReached
-
-            handle = layer.register_forward_pre_hook(measure)
-            try:
-                for images in batches:
-                    try:
-                        self.encode_with_target_statistics(images)
-                    except _LayerReached:
-                        pass
-            finally:
-                handle.remove()
-            mean, var = moments.result()
-            self.target_statistics.store(name, mean, var)
+            for images in batches:
+                moments.add(layer_input(forward, layer, images))
+            self.target_statistics.store(name, *moments.result())
         self.use_target_statistics = True
         self.train(was_training)
-
-    def _forward_order(self, images: torch.Tensor, layers: list[tuple[str, _BatchNorm]]) -> list[tuple[str, _BatchNorm]]:
-        """``layers`` sorted by when the forward pass first reaches them."""
-        reached: list[str] = []
-        handles = [layer.register_forward_pre_hook(lambda _m, _i, name=name: reached.append(name))
-                   for name, layer in layers]
-        try:
-            self.encode_with_target_statistics(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        position = {name: reached.index(name) for name in dict.fromkeys(reached)}
-        return sorted((item for item in layers if item[0] in position), key=lambda item: position[item[0]])
 
     def features(self, images: torch.Tensor, domain: str) -> torch.Tensor:
         """Encoder features of images from one domain, with that domain's statistics."""
