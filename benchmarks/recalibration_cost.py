@@ -1,6 +1,7 @@
 """What ShiftAD's target recalibration costs (issue 19): k = 10 shots × 4 flips, CS-Flow at its default 160 px
-(flow hidden width 64) and PaDiM at 224 px with its default backbone, on random weights and images (the cost does
-not depend on them); the best and mean of 3 timed runs after one warm-up.
+(flow hidden width 64), PaDiM at 224 px with its default backbone and DenseHybrid's light build trained end to end
+(freeze none: AdaBN of its 50 BatchNorms) at its embedded config's 128 px and at the MVTec config's 256 px, on
+random weights and images (the cost does not depend on them); the best and mean of 3 timed runs after one warm-up.
 
     python benchmarks/recalibration_cost.py                # CUDA when there is a GPU, else the CPU
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from lightning_modules.components.target_recalibration import RecalibrationSpec  # noqa: E402
 from lightning_modules.csflow import CSFlow  # noqa: E402
+from lightning_modules.densehybrid import DenseHybridAD  # noqa: E402
 from lightning_modules.padim import Padim  # noqa: E402
 
 
@@ -85,6 +87,14 @@ def main() -> None:
         padim.target_recalibration = RecalibrationSpec(align_channels=align_channels)
         best, mean = timed(recalibrate_padim, device, args.repeats)
         print(f"PaDiM, k={args.shots} x 4 flips, 224 px, align_channels {align_channels}: best {best:.3f} s, "
+              f"mean {mean:.3f} s")
+
+    # prepare_scoring starts from the source statistics every time
+    densehybrid = DenseHybridAD(freeze="none", target_recalibration=RecalibrationSpec(prior_count=2)).to(device).eval()
+    for size in (128, 256):
+        shots = UnlabelledShots(torch.rand(args.shots, 3, size, size))
+        best, mean = timed(lambda shots=shots: densehybrid.prepare_scoring(shots), device, args.repeats)
+        print(f"DenseHybrid (light, freeze none), k={args.shots} x 4 flips, {size} px: best {best:.3f} s, "
               f"mean {mean:.3f} s")
 
 

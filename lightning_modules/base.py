@@ -232,6 +232,16 @@ class AnomalyDetectionModule(ShiftADModule):
         """Whatever scoring needs from the data before the first image (reference banks); called at test and
         predict start and by the exporter. Nothing for methods whose fit holds everything."""
 
+    def report_recalibration(self, datamodule, kept: bool, line: str, metrics: dict[str, float]) -> None:
+        """After ``prepare_scoring`` recalibrated toward the target shots: a kept update changed the scores the
+        checkpoint's thresholds were fitted on, so they are refitted on the validation split (else dropped); the
+        decision is logged, and at test also as metrics."""
+        if kept and not self.fit_thresholds_on_validation(datamodule):
+            self.calibration.reset()
+        rank_zero_info(line)
+        if self._trainer is not None and self.trainer.testing:
+            self.log_dict(metrics, rank_zero_only=True, on_step=False, on_epoch=True)
+
     def fit_thresholds_on_validation(self, datamodule) -> bool:
         """Fits the thresholds from the DataModule's validation split; False when it has none."""
         loaders = datamodule.val_dataloader() if hasattr(datamodule, "val_dataloader") else []

@@ -19,7 +19,9 @@ from lightning_modules.components.negative_pasting import (
     negative_bank,
     paste_sides,
 )
+from lightning_modules.components.target_recalibration import RecalibrationSpec
 from lightning_modules.densehybrid import DenseHybridAD, DenseHybridModel, densehybrid_loss
+from tests.test_real_target import NO_SHIFT, embedded_line_b, logged
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_BANK = NegativeBankSpec(segmentation="slic", size=24, patch_size=16)
@@ -193,7 +195,8 @@ def test_fit_test_and_resume_through_the_cli(surfaces_root, tmp_path):
     assert not any(run.glob("*/version_1")), "a resume continues in place"
 
 
-def test_a_checkpoint_rebuilds_its_model_and_takes_only_scoring_options_at_test_time(surfaces_root, tmp_path):
+def test_a_checkpoint_rebuilds_its_model_and_takes_only_scoring_options_at_test_time(surfaces_root, surfaces_line_b_root,
+                                                                                     tmp_path):
     trained = ("--model.init_args.freeze", "none", "--model.init_args.paste_shape", "rectangle")
     main(["fit", *cli_args(surfaces_root, tmp_path, steps=2, extra=trained)])
     (version,) = (tmp_path / "runs" / "densehybrid").glob("*/version_0")
@@ -205,6 +208,16 @@ def test_a_checkpoint_rebuilds_its_model_and_takes_only_scoring_options_at_test_
     tested = main(["test", *cli_args(surfaces_root, tmp_path, extra=trained), "--ckpt_path", str(checkpoint),
                    "--model.init_args.anomaly_score", "energy"])
     assert tested.model.anomaly_score == "energy" and tested.model.model.freeze == "none"
+    # ShiftAD's recalibration is a test-time option too: AdaBN toward 2 shots of line B, decided per layer.
+    recalibrated = main(["test", *cli_args(surfaces_root, tmp_path, extra=trained), *embedded_line_b(surfaces_line_b_root),
+                         *NO_SHIFT, "--config", "configs/densehybrid/target_recalibration.yaml",
+                         "--data.init_args.target_shots", "2", "--ckpt_path", str(checkpoint)])
+    assert recalibrated.model.target_recalibration == RecalibrationSpec(prior_count=2)
+    folder = Path(recalibrated.trainer.default_root_dir)
+    (kept,), (share,) = logged(folder, "adapt/kept").values(), logged(folder, "adapt/layers_kept").values()
+    assert kept == float(share > 0) and 0 <= share <= 1
+    assert {"test/target/image_auroc", "test/source/image_auroc"} <= set(
+        json.loads((folder / "results.json").read_text())["metrics"])
     # The paper config's freeze (all) would train another model: refused, naming both values.
     with pytest.raises(ValueError, match=r"model.init_args.freeze: checkpoint 'none', config 'all'"):
         main(["test", *cli_args(surfaces_root, tmp_path), "--ckpt_path", str(checkpoint)])

@@ -1,5 +1,5 @@
-"""Few-shot target recalibration of PaDiM and CS-Flow: the update as defined, the safety rule, no target label
-on the path, and the runs through cli.py."""
+"""Few-shot target recalibration of PaDiM, CS-Flow and DenseHybrid: the update as defined, the safety rule, no
+target label on the path, and the runs through cli.py."""
 
 from pathlib import Path
 
@@ -9,11 +9,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import main
 from lightning_modules.components.backbone import BackboneSpec
+from lightning_modules.components.batchnorm_statistics import trained_batch_norms
 from lightning_modules.components.target_recalibration import (
     Gaussians,
     Moments,
     RecalibrationSpec,
     as_recalibration_spec,
+    batchnorm_recalibration,
     channel_aligned,
     flow_output_recalibration,
     label_preserving_views,
@@ -23,6 +25,7 @@ from lightning_modules.components.target_recalibration import (
     views_per_shot,
 )
 from lightning_modules.csflow import CSFlow
+from lightning_modules.densehybrid import DenseHybridAD
 from lightning_modules.padim import Padim, PadimModel
 from tests.methods import csflow_args, padim_args, results
 from tests.test_real_target import NO_SHIFT, embedded_line_b, logged
@@ -249,3 +252,106 @@ def test_csflow_refuses_channel_alignment_by_name():
                    target_recalibration={"prior_count": 2, "align_channels": True})
     with pytest.raises(ValueError, match="align_channels moves PaDiM's per-position Gaussians"):
         model.recalibrate_to_target(datamodule=None)
+
+
+def two_batchnorm_network() -> torch.nn.Sequential:
+    """conv → BN → ReLU → conv → BN in eval mode, its BatchNorms holding some source statistics."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(4, 5, 1), torch.nn.BatchNorm2d(5)).eval()
+    for layer in (network[1], network[4]):
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    return network
+
+
+def shrunk_channel_moments(inputs: torch.Tensor, layer: torch.nn.BatchNorm2d, prior_images: int):
+    """The definition: per channel, the source N(μ_s, σ_s²) as prior_images·h·w samples, pooled with the n input
+    values: mean (n₀μ_s + Σx)/(n₀ + n), variance (n₀σ_s² + S + n₀n/(n₀ + n)·(x̄ − μ_s)²)/(n₀ + n)."""
+    values = inputs.double().transpose(0, 1).flatten(1)  # [C, n]
+    n, n0 = values.shape[1], prior_images * inputs.shape[-2] * inputs.shape[-1]
+    mean, source_mean, source_var = values.mean(1), layer.running_mean.double(), layer.running_var.double()
+    scatter = (values - mean[:, None]).square().sum(1)
+    return ((n0 * source_mean + values.sum(1)) / (n0 + n),
+            (n0 * source_var + scatter + n0 * n / (n0 + n) * (mean - source_mean).square()) / (n0 + n))
+
+
+def test_batchnorm_recalibration_shrinks_each_layer_toward_its_input_over_the_shots_in_forward_order():
+    network = two_batchnorm_network()
+    source = copy_of_statistics(network)
+    images = torch.rand(3, 3, 8, 8) + 0.5  # brighter than anything the source statistics saw
+    spec = RecalibrationSpec(prior_count=2, views="flips", safety=False)
+    # given last-first: the layers are still estimated in the order the forward pass reaches them
+    verdicts = batchnorm_recalibration(network, [("4", network[4]), ("1", network[1])], images, spec)
+    assert verdicts.names == ["1", "4"] and verdicts.kept_share(spec) == 1.0
+    views = label_preserving_views(images, "flips")
+    first_input = network[0](views)
+    reference = torch.nn.Sequential(*two_batchnorm_network()).eval()  # the source statistics, then the update
+    mean, var = shrunk_channel_moments(first_input, reference[1], spec.prior_count)
+    torch.testing.assert_close(network[1].running_mean, mean.float())
+    torch.testing.assert_close(network[1].running_var, var.float())
+    # the second layer's input is computed with the first layer's new statistics
+    second_input = network[3](network[2](network[1](first_input)))
+    mean, var = shrunk_channel_moments(second_input, reference[4], spec.prior_count)
+    torch.testing.assert_close(network[4].running_mean, mean.float())
+    torch.testing.assert_close(network[4].running_var, var.float())
+    assert not torch.equal(network[4].running_mean, source["4.running_mean"])
+
+
+def copy_of_statistics(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in network.state_dict().items() if "running" in key}
+
+
+def test_batchnorm_recalibration_declines_a_layer_whose_held_out_shots_disagree():
+    network = two_batchnorm_network()
+    network[0].weight.data.zero_()
+    network[0].bias.data.zero_()
+    with torch.no_grad():  # the first conv passes each input channel to its own channel: identity on 3 of 4
+        for channel in range(3):
+            network[0].weight[channel, channel, 1, 1] = 1.0
+    source = copy_of_statistics(network)
+    generator = torch.Generator().manual_seed(1)
+    # Each shot far off in its own channel: an update fitted on the other shots misfits the one left out.
+    disagreeing = torch.randn(3, 3, 8, 8, generator=generator) * 0.1
+    for shot in range(3):
+        disagreeing[shot, shot] += 8.0
+    verdicts = batchnorm_recalibration(network, [("1", network[1]), ("4", network[4])], disagreeing,
+                                       RecalibrationSpec(prior_count=2))
+    first = verdicts.verdicts[0]
+    assert verdicts.names[0] == "1" and not first.kept and first.adapted_nll > first.source_nll
+    torch.testing.assert_close(network[1].running_mean, source["1.running_mean"], rtol=0, atol=0)
+    torch.testing.assert_close(network[1].running_var, source["1.running_var"], rtol=0, atol=0)
+    # Shots that agree on the same shift: kept.
+    agreeing = torch.randn(3, 3, 8, 8, generator=generator) * 0.1 + 8.0
+    verdicts = batchnorm_recalibration(network, [("1", network[1])], agreeing, RecalibrationSpec(prior_count=2))
+    assert verdicts.verdicts[0].kept and not torch.equal(network[1].running_mean, source["1.running_mean"])
+
+
+def test_batchnorm_recalibration_needs_a_batchnorm_trained_on_the_source():
+    with pytest.raises(ValueError, match="has none \\(every BatchNorm is frozen\\)"):
+        batchnorm_recalibration(two_batchnorm_network(), [], torch.rand(2, 3, 8, 8), RecalibrationSpec())
+
+
+def densehybrid_trained_end_to_end() -> DenseHybridAD:
+    module = DenseHybridAD(freeze="none", paste_shape="rectangle", decoder_channels=16,
+                           negatives={"segmentation": "slic", "size": 24, "patch_size": 16},
+                           target_recalibration={"prior_count": 2})
+    return module.eval()
+
+
+def test_densehybrid_recalibration_reads_only_the_shots_images_and_starts_from_the_source_each_time():
+    module = densehybrid_trained_end_to_end()
+    layers = trained_batch_norms(module.model)
+    assert {"logits_head.bn", "outlier_head.bn"} <= {name for name, _ in layers} and len(layers) > 40
+    source = copy_of_statistics(module.model)
+    shots = ShotsOnly(torch.rand(2, 3, 32, 32) * 0.3 + 0.7)  # brighter: a shifted line
+    module.prepare_scoring(shots)
+    first = copy_of_statistics(module.model)
+    assert any(not torch.equal(first[key], source[key]) for key in source)
+    module.prepare_scoring(shots)  # from the source statistics again, not from the first update
+    assert all(torch.equal(copy_of_statistics(module.model)[key], first[key]) for key in first)
+    module.target_recalibration = None
+    module.prepare_scoring(shots)  # without the option the checkpoint's statistics are back
+    assert all(torch.equal(copy_of_statistics(module.model)[key], source[key]) for key in source)
+    with pytest.raises(ValueError, match="align_channels moves PaDiM's per-position Gaussians"):
+        DenseHybridAD(target_recalibration={"align_channels": "auto"})

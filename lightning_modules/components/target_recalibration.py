@@ -24,6 +24,11 @@ A normalizing flow (CS-Flow) has no fitted statistics to move: it maps source fe
 same update acts behind the frozen flow: per scale and channel, the prior is the flow's N(0, 1), the evidence is
 the shots' flow outputs z at every position of every view, and the scores read z standardised by the update,
 (z − μ)/σ. The same held-out rule decides; the flow's log-determinant is common to both sides and cancels.
+
+A network whose normalisation statistics were learned on the source (DenseHybrid trained end to end) gets the
+update in its BatchNorms: AdaBN (``components.batchnorm_statistics``), each layer's running statistics being the
+prior that its input over the shots' views moves, layer after layer, each layer kept or declined by the same rule
+on its own held-out inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.components.specs import spec_from
 
@@ -222,30 +228,107 @@ class Standardisation(NamedTuple):
     std: list[torch.Tensor]
 
 
+def channel_update(samples: torch.Tensor, prior_mean: torch.Tensor, prior_var: torch.Tensor,
+                   spec: RecalibrationSpec, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, SafetyVerdict]:
+    """samples [k, V, C, ...]: a per-channel quantity at every position of the shots' views -> each channel's
+    N(prior_mean, prior_var) moved toward the shots as (mean, variance) [C] (float64), the prior weighted as
+    ``prior_count`` images (prior_count·positions samples), and the safety rule's verdict on the move, its NLLs
+    with the variances + ``eps`` (what a BatchNorm divides by)."""
+    k, views, channels = samples.shape[:3]
+    positions = samples[0, 0, 0].numel()
+    # [k, V·positions, C, 1]: every position of every view is one sample of each channel, view-major.
+    x = samples.to(torch.float64).reshape(k, views, channels, positions).transpose(2, 3)
+    x = x.reshape(k, views * positions, channels, 1)
+    prior = Gaussians(prior_mean.to(torch.float64).reshape(channels, 1),
+                      prior_var.to(torch.float64).reshape(channels, 1, 1))
+    spec = replace(spec, prior_count=spec.prior_count * positions)
+    verdict = safety_check(prior, x, spec, eps)
+    update = recalibrated(prior, Moments.of(x.flatten(0, 1)), spec)
+    return update.mean[:, 0], update.covariance[:, 0, 0], verdict
+
+
+def pooled_verdict(verdicts: list[SafetyVerdict], weights: list[float]) -> SafetyVerdict:
+    """One verdict from parts decided together (kept when the weighted held-out NLL is lower)."""
+    total = sum(weights)
+    adapted = sum(w * v.adapted_nll for w, v in zip(weights, verdicts, strict=True)) / total
+    source = sum(w * v.source_nll for w, v in zip(weights, verdicts, strict=True)) / total
+    return SafetyVerdict(adapted < source, adapted, source, verdicts[0].held_out)
+
+
 def flow_output_recalibration(shots_z: list[torch.Tensor], spec: RecalibrationSpec
                               ) -> tuple[Standardisation, SafetyVerdict]:
     """shots_z: per scale, the flow outputs of the shots' views [k, V, C, h, w] -> the standardisation that
-    moves each channel's N(0, 1) toward the shots (the prior weighted as ``prior_count`` images: prior_count·h·w
-    samples at a scale of h·w positions), and the safety rule's verdict on it. The verdict pools the scales,
-    each weighted by its positions (its share of the image score's elements)."""
-    standardisation, adapted, source, weights, kinds = Standardisation([], []), 0.0, 0.0, 0, set()
+    moves each channel's N(0, 1) toward the shots (the prior weighted as ``prior_count`` images), and the safety
+    rule's verdict on it. The verdict pools the scales, each weighted by its positions (its share of the image
+    score's elements): the standardisation is kept or declined as a whole."""
+    standardisation, verdicts, weights = Standardisation([], []), [], []
     for z in shots_z:
-        k, views, channels, height, width = z.shape
-        positions = height * width
-        # [k, V·h·w, C, 1]: every position of every view is one sample of each channel, view-major.
-        samples = z.to(torch.float64).permute(0, 1, 3, 4, 2).reshape(k, views * positions, channels, 1)
-        prior = Gaussians(torch.zeros(channels, 1, dtype=torch.float64, device=z.device),
-                          torch.ones(channels, 1, 1, dtype=torch.float64, device=z.device))
-        scale_spec = replace(spec, prior_count=spec.prior_count * positions)
-        verdict = safety_check(prior, samples, scale_spec, eps=0.0)
-        adapted, source = adapted + positions * verdict.adapted_nll, source + positions * verdict.source_nll
-        weights += positions
-        kinds.add(verdict.held_out)
-        update = recalibrated(prior, Moments.of(samples.flatten(0, 1)), scale_spec)
-        standardisation.mean.append(update.mean[:, 0].float())
-        standardisation.std.append(update.covariance[:, 0, 0].sqrt().float())
-    adapted, source = adapted / weights, source / weights
-    return standardisation, SafetyVerdict(adapted < source, adapted, source, kinds.pop())
+        channels = z.shape[2]
+        prior = torch.zeros(channels, dtype=torch.float64, device=z.device)
+        mean, var, verdict = channel_update(z, prior, prior + 1, spec)
+        verdicts.append(verdict)
+        weights.append(z.shape[-2] * z.shape[-1])
+        standardisation.mean.append(mean.float())
+        standardisation.std.append(var.sqrt().float())
+    return standardisation, pooled_verdict(verdicts, weights)
+
+
+class LayerVerdicts(NamedTuple):
+    """The safety rule's verdict on each re-estimated BatchNorm, in forward order, and the layers' names."""
+
+    names: list[str]
+    verdicts: list[SafetyVerdict]
+
+    def summary(self, spec: RecalibrationSpec) -> SafetyVerdict:
+        """The run's verdict: kept when any layer's update was kept; its NLLs are the layers' means, the updated
+        side with what each layer now uses (its update where kept, else its source statistics)."""
+        used = [v.adapted_nll if v.kept or not spec.safety else v.source_nll for v in self.verdicts]
+        return SafetyVerdict(any(v.kept for v in self.verdicts) or not spec.safety, sum(used) / len(used),
+                             sum(v.source_nll for v in self.verdicts) / len(self.verdicts),
+                             self.verdicts[0].held_out)
+
+    def kept_share(self, spec: RecalibrationSpec) -> float:
+        return sum(v.kept or not spec.safety for v in self.verdicts) / len(self.verdicts)
+
+
+@torch.no_grad()
+def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: list[tuple[str, _BatchNorm]],
+                            images: torch.Tensor, spec: RecalibrationSpec) -> LayerVerdicts:
+    """AdaBN from k unlabelled shots, shrunk toward the source and checked layer by layer. ``layers`` are the
+    BatchNorms of the network ``forward`` runs (in eval mode) whose statistics were learned on the source. In
+    the order the forward pass reaches them, each layer's input over the shots' views (the earlier layers
+    already using what was decided for them) is the evidence; its running statistics, weighted as
+    ``prior_count`` images, are the prior. The safety rule keeps or declines each layer's update on its own, on
+    the held-out shots' inputs to that layer; a kept update is written into the layer's running statistics.
+
+    The k·V views go through the network as one batch, and each layer decides in a forward pre-hook, before it
+    normalises its input: one pass does what a pass per layer, stopped at it, would."""
+    if not layers:
+        raise ValueError("target_recalibration re-estimates BatchNorm statistics learned in training, and this "
+                         "network has none (every BatchNorm is frozen)")
+    names, verdicts = [], []
+
+    def update(name: str, layer: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
+        if name in names:  # a layer called twice keeps its first decision
+            return
+        views = inputs[0].reshape(VIEW_COUNTS[spec.views], len(images), *inputs[0].shape[1:]).transpose(0, 1)
+        mean, var, verdict = channel_update(views, layer.running_mean, layer.running_var, spec, layer.eps)
+        if verdict.kept or not spec.safety:
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+        names.append(name)
+        verdicts.append(verdict)
+
+    handles = [layer.register_forward_pre_hook(lambda _m, inputs, name=name, layer=layer: update(name, layer, inputs))
+               for name, layer in layers]
+    try:
+        forward(label_preserving_views(images, spec.views))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not names:
+        raise RuntimeError(f"the forward pass reached none of the {len(layers)} BatchNorms to recalibrate")
+    return LayerVerdicts(names, verdicts)
 
 
 def views_per_shot(forward: Callable[[torch.Tensor], list[torch.Tensor]], images: torch.Tensor, views: Views,

@@ -111,13 +111,7 @@ class CSFlowDetector(AnomalyDetectionModule):
         kept = verdict.kept or not spec.safety
         if kept:
             self.model.set_output_standardisation(standardisation.mean, standardisation.std)
-            # The checkpoint's thresholds were fitted on unstandardised scores.
-            if not self.fit_thresholds_on_validation(datamodule):
-                self.calibration.reset()
-        line, metrics = verdict_summary(verdict, kept, spec, len(images))
-        log.info(line)
-        if self._trainer is not None and self.trainer.testing:
-            self.log_dict(metrics, rank_zero_only=True, on_step=False, on_epoch=True)
+        self.report_recalibration(datamodule, kept, *verdict_summary(verdict, kept, spec, len(images)))
         return kept
 
     def setup(self, stage: str) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec, as_backbone_spec
+from lightning_modules.components.batchnorm_statistics import trained_batch_norms
 from lightning_modules.components.negative_pasting import (
     NegativeBankSpec,
     NegativePaster,
@@ -16,6 +17,14 @@ from lightning_modules.components.negative_pasting import (
     negative_bank,
 )
 from lightning_modules.components.specs import spec_from
+from lightning_modules.components.target_recalibration import (
+    RECALIBRATION_OPTIONS,
+    RecalibrationSpec,
+    as_recalibration_spec,
+    batchnorm_recalibration,
+    target_shot_images,
+    verdict_summary,
+)
 from lightning_modules.densehybrid.loss import densehybrid_loss
 from lightning_modules.densehybrid.torch_model import (
     ANOMALY_SCORES,
@@ -59,12 +68,18 @@ class DenseHybridAD(AnomalyDetectionModule):
         image_score_quantile: quantile of the anomaly map taken as the image score (1.0 = max).
         anomaly_score: ``hybrid`` (the method's s(x)); ``outlier_head`` or ``energy`` score with one term
             alone, for ablations.
+        target_recalibration: ShiftAD's addition (``RecalibrationSpec``): at test/predict/export start, every
+            BatchNorm trained on the source re-estimates its statistics on the DataModule's k unlabelled target
+            shots (``data.init_args.target_shots``) and their views, layer after layer, shrunk toward the
+            source statistics (weighted as ``prior_count`` images), each layer kept or declined by the held-out
+            check (``adapt/kept``: any layer kept; ``adapt/layers_kept``: the share); the thresholds are then
+            refitted on the validation split.
     """
 
     method_name = "densehybrid"
     # Scoring choices only: the weights do not depend on them.
     test_time_options = {**AnomalyDetectionModule.test_time_options, "anomaly_score": None,
-                         "image_score_quantile": None}
+                         "image_score_quantile": None, **RECALIBRATION_OPTIONS}
 
     def __init__(
         self,
@@ -83,6 +98,7 @@ class DenseHybridAD(AnomalyDetectionModule):
         outlier_head_weight: float | None = None,
         image_score_quantile: float = 1.0,
         anomaly_score: AnomalyScore = "hybrid",
+        target_recalibration: RecalibrationSpec | dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,10 +112,16 @@ class DenseHybridAD(AnomalyDetectionModule):
             raise ValueError(f"image_score_quantile must be in (0, 1], got {image_score_quantile}")
         backbone = as_backbone_spec(backbone)
         negatives = NegativeBankSpec() if negatives is None else spec_from(negatives, NegativeBankSpec, "negatives")
+        self.target_recalibration = as_recalibration_spec(target_recalibration)
+        if self.target_recalibration is not None and self.target_recalibration.align_channels:
+            raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; DenseHybrid "
+                             "re-estimates its BatchNorm statistics: leave it false")
         # In the checkpoint, so a test or a load rebuilds this model and scores as it was trained to; plain
         # types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.hparams.update(backbone=dataclasses.asdict(backbone), negatives=dataclasses.asdict(negatives))
+        self.hparams.update(backbone=dataclasses.asdict(backbone), negatives=dataclasses.asdict(negatives),
+                            target_recalibration=None if self.target_recalibration is None
+                            else dataclasses.asdict(self.target_recalibration))
         self.model = DenseHybridModel(build, num_classes, freeze, backbone, decoder_channels, deeplab_weights)
         self.negatives = negatives
         self.paster = NegativePaster(negative_bank(self.negatives), paste_shape, paste_probability,
@@ -110,6 +132,7 @@ class DenseHybridAD(AnomalyDetectionModule):
         self.outlier_head_weight = 10 * beta if outlier_head_weight is None else outlier_head_weight
         self.image_score_quantile = image_score_quantile
         self.anomaly_score = anomaly_score
+        self.source_statistics: dict[str, torch.Tensor] | None = None  # the BatchNorms' before a recalibration
 
     def _class_targets(self, batch: dict) -> torch.Tensor | None:
         if self.primary_task == "none":
@@ -145,3 +168,31 @@ class DenseHybridAD(AnomalyDetectionModule):
         if self.image_score_quantile == 1.0:
             return flat.amax(1), maps
         return torch.quantile(flat, self.image_score_quantile, dim=1), maps
+
+    def prepare_scoring(self, datamodule) -> None:
+        if self.source_statistics is not None:  # a recalibration starts from the source, not from the last one
+            self.model.load_state_dict(self.source_statistics, strict=False)
+        if self.target_recalibration is not None:
+            self.recalibrate_to_target(datamodule)
+
+    @torch.no_grad()
+    def recalibrate_to_target(self, datamodule) -> bool:
+        """AdaBN of the BatchNorms trained on the source from the k target shots' views, shrunk toward the source
+        statistics and checked layer by layer (``components.target_recalibration``); returns whether any layer
+        was updated. Reads the shots' images only."""
+        spec = self.target_recalibration
+        images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
+        layers = trained_batch_norms(self.model)
+        if self.source_statistics is None:
+            self.source_statistics = {f"{name}.{key}": getattr(layer, key).clone() for name, layer in layers
+                                      for key in ("running_mean", "running_var")}
+        was_training = self.model.training
+        self.model.eval()
+        verdicts = batchnorm_recalibration(self.model, layers, images, spec)
+        self.model.train(was_training)
+        summary = verdicts.summary(spec)
+        share = verdicts.kept_share(spec)
+        line, metrics = verdict_summary(summary, summary.kept, spec, len(images))
+        line += f"; {share * len(verdicts.names):.0f} of {len(verdicts.names)} BatchNorm layers updated"
+        self.report_recalibration(datamodule, summary.kept, line, {**metrics, "adapt/layers_kept": share})
+        return summary.kept
