@@ -32,7 +32,12 @@ Settings (rows), each scored on the target's test split (the detectors report th
   extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs
   standardised toward the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all
   target normals);
-- ``densehybrid``: ``source_only``, ``target_full``;
+- ``densehybrid`` (Table I's row freeze none + rectangle, ``densehybrid/table1/freeze-none_rectangle.yaml``: the
+  paper's freeze all + mask is at chance offline): ``source_only``, ``k_only``, ``source_plus_k``, ``recalibrated``
+  (the source-only checkpoint tested after ShiftAD's AdaBN from the k shots, shrunk toward the source and checked
+  layer by layer, ``configs/densehybrid/target_recalibration.yaml``), ``source_plus_k_recalibrated`` (the same
+  recalibration of the ``source_plus_k`` checkpoint of that k and fold: the shots both in the fit and in the
+  statistics), ``target_full``;
 - ``dann``: ``source_only``, ``adabn`` (the source-only checkpoint tested with the target's BN statistics),
   ``dann``, ``dann_adabn`` (the dann job's selected checkpoint tested with AdaBN's exact target statistics,
   ``configs/dann/exact_target_statistics.yaml``), ``adda`` (unlabelled target train split), ``target_full`` (source-only
@@ -93,31 +98,39 @@ SETTINGS = {
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
     "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
                "target_full"),
-    "densehybrid": ("source_only", "target_full"),
+    "densehybrid": ("source_only", "k_only", "source_plus_k", "recalibrated", "source_plus_k_recalibrated",
+                    "target_full"),
     "dann": ("source_only", "adabn", "dann", "dann_adabn", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "adapted", "adapted_safe",
-                 "flow_tuned")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "source_plus_k_recalibrated",
+                 "adapted", "adapted_safe", "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
-DETECTOR_CONFIGS = {"padim": "padim/padim_surfaces.yaml", "gmm_padim": "padim/padim_surfaces.yaml",
-                    "csflow": "csflow/source_surfaces.yaml", "densehybrid": "densehybrid/surfaces.yaml"}
+DETECTOR_CONFIGS = {"padim": ("padim/padim_surfaces.yaml",), "gmm_padim": ("padim/padim_surfaces.yaml",),
+                    "csflow": ("csflow/source_surfaces.yaml",),
+                    "densehybrid": ("densehybrid/surfaces.yaml", "densehybrid/table1/freeze-none_rectangle.yaml")}
 RECALIBRATION_CONFIGS = {("padim", "recalibrated"): "padim/target_recalibration.yaml",
                          ("gmm_padim", "recalibrated"): "padim/target_recalibration.yaml",
                          ("padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
                          ("gmm_padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
-                         ("csflow", "recalibrated"): "csflow/target_recalibration.yaml"}
+                         ("csflow", "recalibrated"): "csflow/target_recalibration.yaml",
+                         ("densehybrid", "recalibrated"): "densehybrid/target_recalibration.yaml",
+                         ("densehybrid", "source_plus_k_recalibrated"): "densehybrid/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
 PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray.yaml", "adapt_regularised.yaml"),
                    "flow_tuned": ("adapt_gray.yaml", "adapt_flow.yaml")}
-#: whose recalibration acts at test time on the source-only checkpoint (PaDiM's is the end of its fit)
-RECALIBRATED_AT_TEST = ("csflow",)
+#: whose recalibration acts at test time on a source-only checkpoint (PaDiM's is the end of its fit), and which:
+#: the one the source-only job tested (CS-Flow's fit writes one, at its end, and last.ckpt the same weights)
+RECALIBRATED_AT_TEST = {"csflow": "last", "densehybrid": "selected"}
+#: the fit whose checkpoint a recalibration at test time starts from (a shot setting's: of the same k and fold)
+RECALIBRATED_FIT = {"recalibrated": "source_only", "source_plus_k_recalibrated": "source_plus_k"}
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "recalibrated_aligned": "source", "adapted": "target_shots",
+            "recalibrated": "source", "recalibrated_aligned": "source",
+            "source_plus_k_recalibrated": "source+target_shots", "adapted": "target_shots",
             "adapted_safe": "target_shots", "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
@@ -288,7 +301,7 @@ def common_args(args: argparse.Namespace, configs: list[Path], run_root: Path) -
 
 def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str, list[str]]:
     source, target = args.source_domain, args.target_domain
-    configs = [CONFIGS / DETECTOR_CONFIGS[job.method]]
+    configs = [CONFIGS / config for config in DETECTOR_CONFIGS[job.method]]
     model = []
     if job.method == "gmm_padim":
         model = ["--model.init_args.backbone.weights", str(args.gmm_backbone)]
@@ -299,7 +312,9 @@ def detector_command(job: Job, args: argparse.Namespace, records: dict) -> tuple
         if job.method in RECALIBRATED_AT_TEST:
             return "test", [*common_args(args, configs, run_root_of(job, args)), *source.data_args("source"),
                             *target.data_args("target"), "--data.init_args.train_on", TRAIN_ON[job.setting],
-                            *shots_args(job), *model, "--ckpt_path", str(source_checkpoint(job, records, "last"))]
+                            *shots_args(job), *model, "--ckpt_path",
+                            str(source_checkpoint(job, records, RECALIBRATED_AT_TEST[job.method],
+                                                  RECALIBRATED_FIT[job.setting]))]
     elif job.setting in PHASE_2_CONFIGS:  # phase 2 builds its model from the phase-1 checkpoint
         configs = [CONFIGS / "csflow" / config for config in PHASE_2_CONFIGS[job.setting]]
         model = ["--model.init_args.source_checkpoint", str(source_checkpoint(job, records, "last"))]
@@ -368,8 +383,10 @@ def dann_command(job: Job, args: argparse.Namespace, records: dict) -> tuple[str
 
 
 def source_checkpoint(job: Job, records: dict, which: str, trained_by: str = "source_only") -> Path:
-    """The ``trained_by`` fit's ``last`` checkpoint or the ``selected`` one it tested (on the source val split)."""
-    record = records.get(job_key({"method": job.method, "setting": trained_by}))
+    """The ``trained_by`` fit's ``last`` checkpoint or the ``selected`` one it tested (on the source val split);
+    a fit with shots is the one of ``job``'s k and fold."""
+    shots = {"k": job.k, "fold": job.fold} if trained_by in SHOT_SETTINGS else {}
+    record = records.get(job_key({"method": job.method, "setting": trained_by, **shots}))
     if record is None:
         raise RuntimeError(f"{job.key} starts from the {job.method} {trained_by} fit, which has no record: run "
                            f"the {trained_by} setting first (it is in --settings)")

@@ -191,10 +191,13 @@ def test_metrics(logged: dict[str, float]) -> dict[str, float]:
 
 
 def tested_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint the run's test scored (a fit's selected one), if it is still on disk."""
+    """The checkpoint the run's test scored (a fit's selected one; its last.ckpt where a fit that monitors
+    nothing tested the weights it ended with), if it is still on disk."""
     results = Path(run_dir) / "results.json"
-    checkpoint = json.loads(results.read_text()).get("checkpoint") if results.is_file() else None
-    return Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+    if not results.is_file():
+        return None
+    checkpoint = Path(json.loads(results.read_text()).get("checkpoint") or Path(run_dir) / "checkpoints" / "last.ckpt")
+    return checkpoint if checkpoint.is_file() else None
 
 
 def relabelled_checkpoint(checkpoint: Path, destination: Path, **hyper_parameters) -> Path:

@@ -232,6 +232,39 @@ def test_csflow_recalibrated_tests_the_source_only_checkpoint_with_the_shots(tmp
                          f"--model.init_args.image_size 128 --ckpt_path {checkpoint}")
 
 
+def test_densehybrid_rows_train_end_to_end_and_recalibrated_tests_the_checkpoint_source_only_tested(tmp_path):
+    args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
+                       "--methods", "densehybrid", "--shots", "1", "--folds", "1"])
+    assert [job.key for job in jobs_of(args)] == [
+        "densehybrid/source_only", "densehybrid/target_full", "densehybrid/k_only/k1/f0",
+        "densehybrid/source_plus_k/k1/f0", "densehybrid/recalibrated/k1/f0",
+        "densehybrid/source_plus_k_recalibrated/k1/f0"]
+    run_dir = tmp_path / "source_only_run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    (run_dir / "results.json").write_text(json.dumps({"checkpoint": None}))  # it tested the weights it ended with
+    records = {"densehybrid/source_only": {"run_dir": str(run_dir)}}
+    job = cross_domain.Job("densehybrid", "recalibrated", 1, 0)
+    subcommand, arguments = cross_domain.detector_command(job, args, records)
+    line = " ".join(arguments)
+    assert subcommand == "test" and "table1/freeze-none_rectangle.yaml --config " in line
+    assert "densehybrid/target_recalibration.yaml" in line and line.endswith(f"--ckpt_path {last}")
+    selected = last.with_name("epoch=2.ckpt")
+    selected.write_bytes(b"")
+    (run_dir / "results.json").write_text(json.dumps({"checkpoint": str(selected)}))
+    assert cross_domain.detector_command(job, args, records)[1][-1] == str(selected)
+    subcommand, arguments = cross_domain.detector_command(cross_domain.Job("densehybrid", "k_only", 1, 0), args, {})
+    assert subcommand == "fit" and "table1/freeze-none_rectangle.yaml" in " ".join(arguments)
+    # pooled, then recalibrated: the source_plus_k fit of the same k and fold
+    pooled = cross_domain.Job("densehybrid", "source_plus_k_recalibrated", 1, 0)
+    with pytest.raises(RuntimeError, match="starts from the densehybrid source_plus_k fit, which has no record"):
+        cross_domain.detector_command(pooled, args, records)
+    records["densehybrid/source_plus_k/k1/f0"] = {"run_dir": str(run_dir)}
+    arguments = cross_domain.detector_command(pooled, args, records)[1]
+    assert arguments[-1] == str(selected) and "--data.init_args.train_on source+target_shots" in " ".join(arguments)
+
+
 def test_dann_adabn_tests_the_dann_fits_selected_checkpoint_with_exact_target_statistics(tmp_path):
     args = parse_args(["--source", "surfaces:brick", "--target", "surfaces_line_b:brick", "--out", str(tmp_path),
                        "--methods", "dann"])
