@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cli import main
+from lightning_modules.components import target_recalibration
 from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.batchnorm_statistics import trained_batch_norms
 from lightning_modules.components.target_recalibration import (
@@ -355,3 +356,18 @@ def test_densehybrid_recalibration_reads_only_the_shots_images_and_starts_from_t
     assert all(torch.equal(copy_of_statistics(module.model)[key], source[key]) for key in source)
     with pytest.raises(ValueError, match="align_channels moves PaDiM's per-position Gaussians"):
         DenseHybridAD(target_recalibration={"align_channels": "auto"})
+
+
+def test_batchnorm_recalibration_estimates_large_maps_from_evenly_spaced_positions(monkeypatch):
+    monkeypatch.setattr(target_recalibration, "BATCHNORM_POSITIONS", 16)
+    network = two_batchnorm_network()
+    images = torch.rand(2, 3, 8, 8) + 0.5
+    spec = RecalibrationSpec(prior_count=2, views="flips", safety=False)
+    reference = two_batchnorm_network()
+    batchnorm_recalibration(network, [("1", network[1])], images, spec)
+    subset = torch.linspace(0, 63, 16).round().long()
+    first_input = network[0](label_preserving_views(images, "flips")).flatten(2)[:, :, subset]
+    # the prior counts prior_count images of the 16 positions the estimate reads
+    mean, var = shrunk_channel_moments(first_input[..., None], reference[1], spec.prior_count)
+    torch.testing.assert_close(network[1].running_mean, mean.float())
+    torch.testing.assert_close(network[1].running_var, var.float())

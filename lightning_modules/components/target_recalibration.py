@@ -46,6 +46,9 @@ from lightning_modules.components.specs import spec_from
 Views = Literal["none", "flips"]
 VIEW_COUNTS = {"none": 1, "flips": 4}
 SAFETY_POSITIONS = 256  # positions the safety rule scores (an evenly spaced subset)
+#: positions of each view a BatchNorm's input statistics are estimated from (an evenly spaced subset beyond:
+#: 64 x 64, the largest map of a 128 px image through a stride-2 stem)
+BATCHNORM_POSITIONS = 4096
 
 
 @dataclass
@@ -188,6 +191,11 @@ def mean_nll(gaussians: Gaussians, embeddings: torch.Tensor, eps: float) -> floa
     return float(0.5 * (squared + log_det[:, None] + dim * math.log(2 * math.pi)).mean())
 
 
+def evenly_spaced(count: int, most: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices of at most ``most`` of ``count`` items, evenly spaced, first and last included."""
+    return torch.linspace(0, count - 1, min(count, most), device=device).round().long().unique()
+
+
 def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec, eps: float) -> SafetyVerdict:
     """shots [k, V, P, D]: each shot's view embeddings. Leave one shot out (k >= 2) or, at k = 1, refit on one
     half of the views and score the other half, both ways; keep when the update's mean held-out NLL is lower
@@ -197,7 +205,7 @@ def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec
     if k == 1 and views == 1:
         raise ValueError("the safety rule needs two shots or two views of one: set target_recalibration.views "
                          "to flips for k = 1, or safety false")
-    subset = torch.linspace(0, positions - 1, min(positions, SAFETY_POSITIONS)).round().long().unique()
+    subset = evenly_spaced(positions, SAFETY_POSITIONS)
     source = Gaussians(source.mean[subset], source.covariance[subset])
     shots = shots[:, :, subset.to(shots.device)]
     if k >= 2:
@@ -311,7 +319,10 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
     def update(name: str, layer: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
         if name in names:  # a layer called twice keeps its first decision
             return
-        views = inputs[0].reshape(VIEW_COUNTS[spec.views], len(images), *inputs[0].shape[1:]).transpose(0, 1)
+        values = inputs[0].reshape(*inputs[0].shape[:2], -1)  # [V·k, C, positions]
+        if values.shape[-1] > BATCHNORM_POSITIONS:
+            values = values[:, :, evenly_spaced(values.shape[-1], BATCHNORM_POSITIONS, values.device)]
+        views = values.reshape(VIEW_COUNTS[spec.views], len(images), *values.shape[1:]).transpose(0, 1)
         mean, var, verdict = channel_update(views, layer.running_mean, layer.running_var, spec, layer.eps)
         if verdict.kept or not spec.safety:
             layer.running_mean.copy_(mean)
