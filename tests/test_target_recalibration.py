@@ -371,3 +371,15 @@ def test_batchnorm_recalibration_estimates_large_maps_from_evenly_spaced_positio
     mean, var = shrunk_channel_moments(first_input[..., None], reference[1], spec.prior_count)
     torch.testing.assert_close(network[1].running_mean, mean.float())
     torch.testing.assert_close(network[1].running_var, var.float())
+
+
+def test_batchnorm_recalibration_names_the_layer_whose_input_is_not_finite_and_changes_nothing():
+    network = two_batchnorm_network()
+    with torch.no_grad():
+        network[3].weight[0, 0, 0, 0] = float("inf")
+    source = copy_of_statistics(network)
+    with pytest.raises(FloatingPointError, match="input to BatchNorm '4' is not finite"):
+        batchnorm_recalibration(network, [("1", network[1]), ("4", network[4])], torch.rand(2, 3, 8, 8) - 0.5,
+                                RecalibrationSpec(prior_count=2, safety=False))
+    # the layer before it had been updated: put back too
+    assert all(torch.equal(copy_of_statistics(network)[key], value) for key, value in source.items())

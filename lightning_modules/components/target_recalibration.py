@@ -320,6 +320,9 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
         if name in names:  # a layer called twice keeps its first decision
             return
         values = inputs[0].reshape(*inputs[0].shape[:2], -1)  # [V·k, C, positions]
+        if not torch.isfinite(values).all():
+            raise FloatingPointError(f"target recalibration: the target shots' input to BatchNorm {name!r} is not "
+                                     f"finite (NaN or Inf); every BatchNorm keeps the statistics it had")
         if values.shape[-1] > BATCHNORM_POSITIONS:
             values = values[:, :, evenly_spaced(values.shape[-1], BATCHNORM_POSITIONS, values.device)]
         views = values.reshape(VIEW_COUNTS[spec.views], len(images), *values.shape[1:]).transpose(0, 1)
@@ -330,10 +333,16 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
         names.append(name)
         verdicts.append(verdict)
 
+    before = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
     handles = [layer.register_forward_pre_hook(lambda _m, inputs, name=name, layer=layer: update(name, layer, inputs))
                for name, layer in layers]
     try:
         forward(label_preserving_views(images, spec.views))
+    except BaseException:  # a half-updated network would be neither the source's nor the update
+        for (_, layer), (mean, var) in zip(layers, before, strict=True):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+        raise
     finally:
         for handle in handles:
             handle.remove()
