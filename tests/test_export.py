@@ -14,6 +14,7 @@ import torch
 
 from cli import main
 from tests.methods import QUIET, config, meta_comparer_args
+from tests.test_real_target import NO_SHIFT, embedded_line_b
 from tests.toy import ToyDataModule, ToyDetector
 
 RTOL = 1e-4  # the issue's parity bound, relative to the scale of the scores / of the map
@@ -210,3 +211,23 @@ def test_the_readme_onnxruntime_snippet_runs_as_written(fitted, surfaces_root, t
         expected = float(cli.model.anomaly_scores(sample["image"][None])[0][0])
     assert decision in ("normal", "anomalous")
     assert float(score) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_recalibrated_densehybrid_exports_the_statistics_it_scores_with(fitted, surfaces_root, surfaces_line_b_root,
+                                                                        tmp_path):
+    """``export`` runs ``prepare_scoring``: the graph holds the BatchNorm statistics moved toward the target shots."""
+    arguments = [*densehybrid(surfaces_root, tmp_path / "runs"), *embedded_line_b(surfaces_line_b_root), *NO_SHIFT,
+                 *config("densehybrid/target_recalibration.yaml"), "--data.init_args.target_shots", "2"]
+    out = tmp_path / "onnx"
+    cli = export(arguments, fitted["densehybrid"], "onnx", out)
+    module = cli.model
+    assert module.source_statistics is not None  # the recalibration ran before the export
+    images = some_test_images(cli)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"images": images.numpy()})
+    assert_parity(exported, pytorch_outputs(module, images))
+    state = module.model.state_dict()
+    # line B's shots are far from the source here: the heads' 2 BatchNorms (freeze all) are updated
+    assert all(not torch.equal(state[key], value) for key, value in module.source_statistics.items())
+    module.model.load_state_dict(module.source_statistics, strict=False)  # the checkpoint's statistics
+    assert not np.allclose(exported[0], pytorch_outputs(module, images)[0])
