@@ -284,7 +284,7 @@ def test_batchnorm_recalibration_shrinks_each_layer_toward_its_input_over_the_sh
     spec = RecalibrationSpec(prior_count=2, views="flips", safety=False)
     # given last-first: the layers are still estimated in the order the forward pass reaches them
     verdicts = batchnorm_recalibration(network, [("4", network[4]), ("1", network[1])], images, spec)
-    assert verdicts.names == ["1", "4"] and verdicts.kept_share(spec) == 1.0
+    assert verdicts.names == ["1", "4"] and verdicts.kept_share == 1.0
     views = label_preserving_views(images, "flips")
     first_input = network[0](views)
     reference = torch.nn.Sequential(*two_batchnorm_network()).eval()  # the source statistics, then the update

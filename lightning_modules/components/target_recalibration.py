@@ -282,21 +282,23 @@ def flow_output_recalibration(shots_z: list[torch.Tensor], spec: RecalibrationSp
 
 
 class LayerVerdicts(NamedTuple):
-    """The safety rule's verdict on each re-estimated BatchNorm, in forward order, and the layers' names."""
+    """Per re-estimated BatchNorm, in forward order: its name, the safety rule's verdict and whether its update
+    was applied (kept, or the rule is off)."""
 
     names: list[str]
     verdicts: list[SafetyVerdict]
+    applied: list[bool]
 
-    def summary(self, spec: RecalibrationSpec) -> SafetyVerdict:
-        """The run's verdict: kept when any layer's update was kept; its NLLs are the layers' means, the updated
-        side with what each layer now uses (its update where kept, else its source statistics)."""
-        used = [v.adapted_nll if v.kept or not spec.safety else v.source_nll for v in self.verdicts]
-        return SafetyVerdict(any(v.kept for v in self.verdicts) or not spec.safety, sum(used) / len(used),
-                             sum(v.source_nll for v in self.verdicts) / len(self.verdicts),
-                             self.verdicts[0].held_out)
+    def summary(self) -> SafetyVerdict:
+        """The run's verdict: kept when any layer's update was applied; its NLLs are the layers' means, the
+        updated side with what each layer now uses (its update where applied, else its source statistics)."""
+        used = [v.adapted_nll if applied else v.source_nll for v, applied in zip(self.verdicts, self.applied, strict=True)]
+        return SafetyVerdict(any(self.applied), sum(used) / len(used),
+                             sum(v.source_nll for v in self.verdicts) / len(self.verdicts), self.verdicts[0].held_out)
 
-    def kept_share(self, spec: RecalibrationSpec) -> float:
-        return sum(v.kept or not spec.safety for v in self.verdicts) / len(self.verdicts)
+    @property
+    def kept_share(self) -> float:
+        return sum(self.applied) / len(self.applied)
 
 
 @torch.no_grad()
@@ -314,7 +316,7 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
     if not layers:
         raise ValueError("target_recalibration re-estimates BatchNorm statistics learned in training, and this "
                          "network has none (every BatchNorm is frozen)")
-    names, verdicts = [], []
+    names, verdicts, applied = [], [], []
 
     def update(name: str, layer: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
         if name in names:  # a layer called twice keeps its first decision
@@ -327,11 +329,13 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
             values = values[:, :, evenly_spaced(values.shape[-1], BATCHNORM_POSITIONS, values.device)]
         views = values.reshape(VIEW_COUNTS[spec.views], len(images), *values.shape[1:]).transpose(0, 1)
         mean, var, verdict = channel_update(views, layer.running_mean, layer.running_var, spec, layer.eps)
-        if verdict.kept or not spec.safety:
+        apply = verdict.kept or not spec.safety
+        if apply:
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
         names.append(name)
         verdicts.append(verdict)
+        applied.append(apply)
 
     before = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
     handles = [layer.register_forward_pre_hook(lambda _m, inputs, name=name, layer=layer: update(name, layer, inputs))
@@ -348,7 +352,7 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
             handle.remove()
     if not names:
         raise RuntimeError(f"the forward pass reached none of the {len(layers)} BatchNorms to recalibrate")
-    return LayerVerdicts(names, verdicts)
+    return LayerVerdicts(names, verdicts, applied)
 
 
 def views_per_shot(forward: Callable[[torch.Tensor], list[torch.Tensor]], images: torch.Tensor, views: Views,

@@ -188,11 +188,12 @@ class DenseHybridAD(AnomalyDetectionModule):
                                       for key in ("running_mean", "running_var")}
         was_training = self.model.training
         self.model.eval()
-        verdicts = batchnorm_recalibration(self.model, layers, images, spec)
-        self.model.train(was_training)
-        summary = verdicts.summary(spec)
-        share = verdicts.kept_share(spec)
+        try:
+            verdicts = batchnorm_recalibration(self.model, layers, images, spec)
+        finally:
+            self.model.train(was_training)
+        summary = verdicts.summary()
         line, metrics = verdict_summary(summary, summary.kept, spec, len(images))
-        line += f"; {share * len(verdicts.names):.0f} of {len(verdicts.names)} BatchNorm layers updated"
-        self.report_recalibration(datamodule, summary.kept, line, {**metrics, "adapt/layers_kept": share})
+        line += f"; {sum(verdicts.applied)} of {len(verdicts.names)} BatchNorm layers updated"
+        self.report_recalibration(datamodule, summary.kept, line, {**metrics, "adapt/layers_kept": verdicts.kept_share})
         return summary.kept
