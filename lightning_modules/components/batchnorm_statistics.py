@@ -10,16 +10,52 @@ forward pre-hook can decide each layer just before it normalises (``target_recal
 
 Only the BatchNorms whose statistics were learned in training (those with trainable parameters) are touched: a
 frozen stage kept its pretrained statistics for the source too, and giving it target statistics would feed the
-later layers features of a kind they never saw.
+later layers features of a kind they never saw. A frozen stage is moved only relative to the source
+(``anchored_statistics``): its statistics change so that it normalises the new domain's inputs as its own
+statistics normalised the source's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class BatchNormStatistics(nn.Module):
+    """Another set of running statistics for every BatchNorm of a network, used instead of the layers' own by
+    ``functional_call(network, statistics.as_buffers(), ...)``.
+
+    Stored by position (``mean_<i>``, ``var_<i>``, ``count_<i>``), so checkpoints keep their keys, and keyed to
+    the layers by name at use, which survives SyncBatchNorm conversion (same names). As plain buffers they load
+    with ``weights_only`` and DDP broadcasts them like any other; ``persistent=False`` keeps them out of the
+    state dict (statistics fitted per run, not trained).
+    """
+
+    def __init__(self, network: nn.Module, persistent: bool = True) -> None:
+        super().__init__()
+        layers = named_batch_norms(network)
+        self.layer_names = [name for name, _ in layers]
+        for index, (_, layer) in enumerate(layers):
+            self.register_buffer(f"mean_{index}", layer.running_mean.detach().clone(), persistent)
+            self.register_buffer(f"var_{index}", layer.running_var.detach().clone(), persistent)
+            self.register_buffer(f"count_{index}", layer.num_batches_tracked.detach().clone(), persistent)
+
+    def as_buffers(self) -> dict[str, torch.Tensor]:
+        """{network buffer name: this set's tensor}, for ``functional_call`` (BatchNorm updates them in place)."""
+        buffers = {}
+        for index, name in enumerate(self.layer_names):
+            buffers[f"{name}.running_mean"] = getattr(self, f"mean_{index}")
+            buffers[f"{name}.running_var"] = getattr(self, f"var_{index}")
+            buffers[f"{name}.num_batches_tracked"] = getattr(self, f"count_{index}")
+        return buffers
+
+    def store(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
+        index = self.layer_names.index(name)
+        getattr(self, f"mean_{index}").copy_(mean)
+        getattr(self, f"var_{index}").copy_(var)
 
 
 def batch_norms(module: nn.Module) -> list[_BatchNorm]:
@@ -104,3 +140,36 @@ class ChannelMoments:
         if self.count < 2:
             raise ValueError(f"need at least 2 values per channel for a variance, got {self.count}")
         return self.mean, self.m2 / (self.count - 1)
+
+
+@torch.no_grad()
+def input_moments(forward: Callable[[torch.Tensor], object], layers: list[tuple[str, _BatchNorm]],
+                  batches: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's exact per-channel input (mean, unbiased variance) over every image of ``batches``, one
+    ``forward`` per batch: what the layers normalise (run ``forward`` in eval mode)."""
+    moments = {name: ChannelMoments() for name, _ in layers}
+    handles = [layer.register_forward_pre_hook(lambda _m, inputs, name=name: moments[name].add(inputs[0]))
+               for name, layer in layers]
+    try:
+        for images in batches:
+            forward(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: moments[name].result() for name, _ in layers if moments[name].count}
+
+
+def anchored_statistics(layer: _BatchNorm, source: tuple[torch.Tensor, torch.Tensor],
+                        target: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running statistics under which ``layer`` normalises inputs of moments ``target`` (mean, variance) as its
+    own running statistics (μ_r, σ_r² = var_r + ε) normalise inputs of moments ``source``. The source's normalised
+    input has mean a = (μ_s − μ_r)/σ_r and spread σ_s/σ_r; the target's, (x − μ')/σ', gets the same with
+    σ' = σ_t·σ_r/σ_s and μ' = μ_t − a·σ' (each σ with the layer's ε). With ``source`` equal to the layer's own
+    statistics this is AdaBN: (μ_t, var_t)."""
+    eps = layer.eps
+    running_mean, running_var = (t.to(torch.float64) for t in (layer.running_mean, layer.running_var))
+    source_mean, source_var, target_mean, target_var = (t.to(torch.float64) for t in (*source, *target))
+    running_std = (running_var + eps).sqrt()
+    std = (target_var + eps).sqrt() * running_std / (source_var + eps).sqrt()
+    mean = target_mean - (source_mean - running_mean) / running_std * std
+    return mean, (std.square() - eps).clamp_min(0)

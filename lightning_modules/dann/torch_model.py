@@ -7,7 +7,7 @@ BatchNorm policy of the encoder:
 
 - ``joint``: source and target go through in one batch, so the statistics are shared (tllib's recipe);
 - ``per_domain``: each domain has its own batch statistics and its own running statistics (the target's are
-  kept in ``TargetBatchNormStatistics`` and handed to the encoder with ``torch.func.functional_call``);
+  kept in a ``BatchNormStatistics`` and handed to the encoder with ``torch.func.functional_call``);
 - ``frozen``: every BatchNorm of the encoder stays in eval mode with its loaded statistics.
 """
 
@@ -21,11 +21,11 @@ from torch.func import functional_call
 
 from lightning_modules.components.backbone import BackboneSpec
 from lightning_modules.components.batchnorm_statistics import (
+    BatchNormStatistics,
     ChannelMoments,
     batch_norms,
     forward_order,
     layer_input,
-    named_batch_norms,
     trained_batch_norms,
 )
 from lightning_modules.components.discriminator import DomainDiscriminator
@@ -34,38 +34,6 @@ from lightning_modules.components.pooled_encoder import PooledEncoder
 
 BN_POLICIES = ("joint", "per_domain", "frozen")
 DOMAINS = ("source", "target")
-
-
-class TargetBatchNormStatistics(nn.Module):
-    """The target domain's running statistics for every BatchNorm of an encoder; the layers' own are the source's.
-
-    Stored by position (``mean_<i>``, ``var_<i>``, ``count_<i>``), so checkpoints keep their keys, and keyed to
-    the layers by name at use, which survives SyncBatchNorm conversion (same names). As plain buffers they load
-    with ``weights_only`` and DDP broadcasts them like any other.
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        layers = named_batch_norms(encoder)
-        self.layer_names = [name for name, _ in layers]
-        for index, (_, layer) in enumerate(layers):
-            self.register_buffer(f"mean_{index}", layer.running_mean.detach().clone())
-            self.register_buffer(f"var_{index}", layer.running_var.detach().clone())
-            self.register_buffer(f"count_{index}", layer.num_batches_tracked.detach().clone())
-
-    def as_encoder_buffers(self) -> dict[str, torch.Tensor]:
-        """{encoder buffer name: target tensor}, for ``functional_call`` (BatchNorm updates them in place)."""
-        buffers = {}
-        for index, name in enumerate(self.layer_names):
-            buffers[f"{name}.running_mean"] = getattr(self, f"mean_{index}")
-            buffers[f"{name}.running_var"] = getattr(self, f"var_{index}")
-            buffers[f"{name}.num_batches_tracked"] = getattr(self, f"count_{index}")
-        return buffers
-
-    def store(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> None:
-        index = self.layer_names.index(name)
-        getattr(self, f"mean_{index}").copy_(mean)
-        getattr(self, f"var_{index}").copy_(var)
 
 
 class DomainAdaptiveClassifier(nn.Module):
@@ -92,7 +60,7 @@ class DomainAdaptiveClassifier(nn.Module):
         self.encoder = PooledEncoder(backbone, layer, trainable, bottleneck_dim, pooling)
         self.head = nn.Linear(bottleneck_dim, 1)  # G_y: one defect logit
         self.discriminator = DomainDiscriminator(bottleneck_dim, discriminator_hidden) if discriminator_hidden else None
-        self.target_statistics = TargetBatchNormStatistics(self.encoder)
+        self.target_statistics = BatchNormStatistics(self.encoder)
         self.use_target_statistics = bn_policy == "per_domain"
 
     def train(self, mode: bool = True) -> DomainAdaptiveClassifier:
@@ -104,7 +72,7 @@ class DomainAdaptiveClassifier(nn.Module):
 
     def encode_with_target_statistics(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder with the target's running statistics (used, and in train mode updated)."""
-        return functional_call(self.encoder, self.target_statistics.as_encoder_buffers(), (images,))
+        return functional_call(self.encoder, self.target_statistics.as_buffers(), (images,))
 
     @torch.no_grad()
     def estimate_target_statistics(self, target_batches: Iterable[torch.Tensor]) -> None:
