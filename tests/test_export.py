@@ -231,3 +231,21 @@ def test_a_recalibrated_densehybrid_exports_the_statistics_it_scores_with(fitted
     assert all(not torch.equal(state[key], value) for key, value in module.source_statistics.items())
     module.model.load_state_dict(module.source_statistics, strict=False)  # the checkpoint's statistics
     assert not np.allclose(exported[0], pytorch_outputs(module, images)[0])
+
+
+def test_a_csflow_recalibrated_through_its_extractor_exports_the_scale_statistics(fitted, surfaces_root,
+                                                                                 surfaces_line_b_root, tmp_path):
+    """The graph runs each scale through the extractor with that scale's target statistics."""
+    arguments = [*csflow(surfaces_root, tmp_path / "runs"), *embedded_line_b(surfaces_line_b_root), *NO_SHIFT,
+                 *config("csflow/target_recalibration_extractor.yaml"), "--data.init_args.target_shots", "2",
+                 "--model.init_args.target_recalibration.safety", "false"]  # kept whatever the tiny flow separates
+    out = tmp_path / "onnx"
+    cli = export(arguments, fitted["csflow"], "onnx", out)
+    module = cli.model
+    assert module.model.use_scale_statistics
+    images = some_test_images(cli)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"images": images.numpy()})
+    assert_parity(exported, pytorch_outputs(module, images))
+    module.model.use_scale_statistics = False  # the extractor's own statistics
+    assert not np.allclose(exported[0], pytorch_outputs(module, images)[0])

@@ -10,7 +10,13 @@ from torch.utils.data import DataLoader, Dataset
 from cli import main
 from lightning_modules.components import target_recalibration
 from lightning_modules.components.backbone import BackboneSpec
-from lightning_modules.components.batchnorm_statistics import trained_batch_norms
+from lightning_modules.components.batchnorm_statistics import (
+    BatchNormStatistics,
+    anchored_statistics,
+    input_moments,
+    named_batch_norms,
+    trained_batch_norms,
+)
 from lightning_modules.components.target_recalibration import (
     Gaussians,
     Moments,
@@ -25,7 +31,8 @@ from lightning_modules.components.target_recalibration import (
     shrunk,
     views_per_shot,
 )
-from lightning_modules.csflow import CSFlow
+from lightning_modules.csflow import CSFlow, CSFlowAdaptation
+from lightning_modules.csflow import lightning_model as csflow_lightning_model
 from lightning_modules.densehybrid import DenseHybridAD
 from lightning_modules.padim import Padim, PadimModel
 from tests.methods import csflow_args, padim_args, results
@@ -266,12 +273,15 @@ def two_batchnorm_network() -> torch.nn.Sequential:
     return network
 
 
-def shrunk_channel_moments(inputs: torch.Tensor, layer: torch.nn.BatchNorm2d, prior_images: int):
-    """The definition: per channel, the source N(μ_s, σ_s²) as prior_images·h·w samples, pooled with the n input
-    values: mean (n₀μ_s + Σx)/(n₀ + n), variance (n₀σ_s² + S + n₀n/(n₀ + n)·(x̄ − μ_s)²)/(n₀ + n)."""
+def shrunk_channel_moments(inputs: torch.Tensor, layer: torch.nn.BatchNorm2d, prior_images: int,
+                           prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The definition: per channel, the source N(μ_s, σ_s²) (the layer's running statistics unless ``prior``) as
+    prior_images·h·w samples, pooled with the n input values: mean (n₀μ_s + Σx)/(n₀ + n), variance
+    (n₀σ_s² + S + n₀n/(n₀ + n)·(x̄ − μ_s)²)/(n₀ + n)."""
     values = inputs.double().transpose(0, 1).flatten(1)  # [C, n]
     n, n0 = values.shape[1], prior_images * inputs.shape[-2] * inputs.shape[-1]
-    mean, source_mean, source_var = values.mean(1), layer.running_mean.double(), layer.running_var.double()
+    source_mean, source_var = (t.double() for t in (prior or (layer.running_mean, layer.running_var)))
+    mean = values.mean(1)
     scatter = (values - mean[:, None]).square().sum(1)
     return ((n0 * source_mean + values.sum(1)) / (n0 + n),
             (n0 * source_var + scatter + n0 * n / (n0 + n) * (mean - source_mean).square()) / (n0 + n))
@@ -383,3 +393,156 @@ def test_batchnorm_recalibration_names_the_layer_whose_input_is_not_finite_and_c
                                 RecalibrationSpec(prior_count=2, safety=False))
     # the layer before it had been updated: put back too
     assert all(torch.equal(copy_of_statistics(network)[key], value) for key, value in source.items())
+
+
+def test_anchored_statistics_normalise_the_target_as_the_layer_normalised_the_source():
+    layer = torch.nn.BatchNorm2d(4, eps=1e-12).eval()
+    generator = torch.Generator().manual_seed(0)
+    layer.running_mean.uniform_(-1, 1, generator=generator)
+    layer.running_var.uniform_(0.5, 2, generator=generator)
+    source = torch.randn(6, 4, 5, 5, generator=generator, dtype=torch.float64) * 0.5 + 2
+    target = torch.randn(6, 4, 5, 5, generator=generator, dtype=torch.float64) * 3 - 1
+
+    def moments(x):
+        return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+
+    def normalised(x, mean, var):
+        return (x - mean[None, :, None, None]) / (var[None, :, None, None] + layer.eps).sqrt()
+
+    mean, var = anchored_statistics(layer, moments(source), moments(target))
+    running = (layer.running_mean.double(), layer.running_var.double())
+    for got, expected in zip(moments(normalised(target, mean, var)), moments(normalised(source, *running)), strict=True):
+        torch.testing.assert_close(got, expected)
+    # anchored to the layer's own statistics (learned on the source): plain AdaBN
+    for got, expected in zip(anchored_statistics(layer, running, moments(target)), moments(target), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_input_moments_are_each_layers_exact_input_moments_over_every_batch():
+    network = two_batchnorm_network()
+    batches = [torch.rand(3, 3, 8, 8), torch.rand(2, 3, 8, 8) * 2]
+    moments = input_moments(network, [("1", network[1]), ("4", network[4])], batches)
+    inputs = network[0](torch.cat(batches))
+    torch.testing.assert_close(moments["1"][0], inputs.double().mean((0, 2, 3)))
+    torch.testing.assert_close(moments["1"][1], inputs.double().var((0, 2, 3)))
+    assert set(moments) == {"1", "4"} and not network[1]._forward_pre_hooks  # hooks removed
+
+
+def test_batchnorm_recalibration_anchored_to_the_source_inputs_of_frozen_layers():
+    network = two_batchnorm_network()
+    reference = two_batchnorm_network()
+    layers = [("1", network[1]), ("4", network[4])]
+    source_images, images = torch.rand(4, 3, 8, 8), torch.rand(2, 3, 8, 8) * 0.5 + 0.8
+    source = input_moments(network, layers, [source_images])
+    spec = RecalibrationSpec(prior_count=2, views="flips", safety=False)
+    batchnorm_recalibration(network, layers, images, spec, source)
+    first_input = network[0](label_preserving_views(images, "flips"))
+    target = shrunk_channel_moments(first_input, reference[1], spec.prior_count, source["1"])
+    mean, var = anchored_statistics(reference[1], source["1"], target)
+    torch.testing.assert_close(network[1].running_mean, mean.float())
+    torch.testing.assert_close(network[1].running_var, var.float())
+    # the second layer: its input through the first layer's new statistics, anchored to its own source input
+    second_input = network[3](network[2](network[1](first_input)))
+    target = shrunk_channel_moments(second_input, reference[4], spec.prior_count, source["4"])
+    mean, var = anchored_statistics(reference[4], source["4"], target)
+    torch.testing.assert_close(network[4].running_mean, mean.float())
+    torch.testing.assert_close(network[4].running_var, var.float())
+
+
+class GuardedTraining(ShotsOnly):
+    """Target shots and training images, both read through items that raise on any key but ``image``."""
+
+    def __init__(self, images: torch.Tensor, training: torch.Tensor) -> None:
+        super().__init__(images)
+        self.train_dataset = LabelGuardedShots(training)
+
+    def val_dataloader(self) -> list:
+        return []
+
+
+def tiny_csflow(**recalibration) -> CSFlow:
+    torch.manual_seed(0)
+    return CSFlow(image_size=64, hidden_channels=8, kernel_sizes=[3],
+                  target_recalibration={"prior_count": 2, "extractor_statistics": True, **recalibration}).eval()
+
+
+def test_csflow_extractor_recalibration_reads_only_images_and_leaves_the_extractor_its_own_statistics(monkeypatch):
+    monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: 0.5)  # no worse: kept
+    module = tiny_csflow()
+    own = copy_of_statistics(module.model.extractor)
+    keys = set(module.state_dict())
+    images = torch.rand(3, 64, 64, 3).permute(0, 3, 1, 2) * 0.3 + 0.7  # brighter: a shifted line
+    data = GuardedTraining(images, torch.rand(6, 3, 64, 64))
+    source_scores = module.anomaly_scores(images)[0]
+    module.prepare_scoring(data)
+    assert copy_of_statistics(module.model.extractor).keys() == own.keys()
+    assert all(torch.equal(copy_of_statistics(module.model.extractor)[key], own[key]) for key in own)
+    assert set(module.state_dict()) == keys  # the scale statistics are per run, not in a checkpoint
+    assert module.model.use_scale_statistics
+    assert not torch.allclose(module.anomaly_scores(images)[0], source_scores)
+    statistics = module.model.scale_statistics[0].as_buffers()
+    assert any(not torch.equal(statistics[key], own[key]) for key in own if "running" in key)
+    module.target_recalibration = None
+    module.prepare_scoring(data)  # without the option the extractor's own statistics score again
+    assert not module.model.use_scale_statistics
+    torch.testing.assert_close(module.anomaly_scores(images)[0], source_scores)
+
+
+def test_csflow_extractor_recalibration_is_declined_when_the_pseudo_defect_separation_drops(monkeypatch):
+    separations = iter([0.55, 0.60])  # with the update, then without it
+    monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: next(separations))
+    module = tiny_csflow()
+    assert not module.recalibrate_to_target(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    assert not module.model.use_scale_statistics
+    separations = iter([0.60, 0.60])  # as good as before: kept
+    monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: next(separations))
+    assert module.recalibrate_to_target(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    assert module.model.use_scale_statistics
+
+
+def test_csflow_extractor_recalibration_errors_name_what_is_missing_and_change_nothing():
+    module = tiny_csflow()
+    own = copy_of_statistics(module.model.extractor)
+    with pytest.raises(ValueError, match="extractor_statistics needs the images the detector was fitted on"):
+        module.recalibrate_to_target(ShotsOnly(torch.rand(2, 3, 64, 64)))
+    shots = torch.rand(2, 3, 64, 64)
+    shots[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="is not finite"):
+        module.recalibrate_to_target(GuardedTraining(shots, torch.rand(4, 3, 64, 64)))
+    assert not module.model.use_scale_statistics
+    assert all(torch.equal(copy_of_statistics(module.model.extractor)[key], own[key]) for key in own)
+    with pytest.raises(ValueError, match="phase 2 fits on the target shots"):
+        CSFlowAdaptation.recalibrate_extractor(module, None, shots)
+    with pytest.raises(ValueError, match="extractor_statistics is CS-Flow's"):
+        Padim(num_features=8, target_recalibration={"extractor_statistics": True})
+    with pytest.raises(ValueError, match="extractor_statistics is CS-Flow's"):
+        DenseHybridAD(target_recalibration={"extractor_statistics": True})
+    with pytest.raises(ValueError, match="extractor_statistics must be true or false"):
+        RecalibrationSpec(extractor_statistics="yes")
+
+
+def test_scale_statistics_stay_out_of_the_state_dict_and_dann_keeps_its_keys():
+    network = two_batchnorm_network()
+    assert BatchNormStatistics(network, persistent=False).state_dict() == {}
+    assert set(BatchNormStatistics(network).state_dict()) == {f"{kind}_{i}" for kind in ("mean", "var", "count")
+                                                              for i in range(len(named_batch_norms(network)))}
+
+
+def test_csflow_extractor_recalibration_through_cli(surfaces_root, surfaces_line_b_root, tmp_path):
+    source_args = csflow_args(surfaces_root, tmp_path, {})
+    fitted = main(["fit", *source_args, "--trainer.max_steps", "4"])
+    checkpoint = Path(fitted.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    config = Path(__file__).resolve().parents[1] / "configs" / "csflow" / "target_recalibration_extractor.yaml"
+    tested = main(["test", *source_args, *embedded_line_b(surfaces_line_b_root), *NO_SHIFT, "--config", str(config),
+                   "--data.init_args.target_shots", "2", "--ckpt_path", str(checkpoint)])
+    module = tested.model
+    assert module.target_recalibration == RecalibrationSpec(prior_count=2, extractor_statistics=True)
+    folder = Path(tested.trainer.default_root_dir)
+    kept = list(logged(folder, "adapt/kept").values())
+    assert kept in ([0.0], [1.0]) and module.model.use_scale_statistics == (kept == [1.0])
+    assert 0 < list(logged(folder, "adapt/layers_kept").values())[0] <= 1
+    assert logged(folder, "adapt/pseudo_defect_auroc_adapted") and logged(folder, "adapt/pseudo_defect_auroc_source")
+    assert {"test/target/image_auroc", "test/source/image_auroc"} <= results(folder).keys()
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert set(module.state_dict()) == set(stored)
+    assert all(torch.equal(module.state_dict()[key].cpu(), value) for key, value in stored.items() if "running" in key)

@@ -28,7 +28,9 @@ the shots' flow outputs z at every position of every view, and the scores read z
 A network whose normalisation statistics were learned on the source (DenseHybrid trained end to end) gets the
 update in its BatchNorms: AdaBN (``components.batchnorm_statistics``), each layer's running statistics being the
 prior that its input over the shots' views moves, layer after layer, each layer kept or declined by the same rule
-on its own held-out inputs.
+on its own held-out inputs. A frozen pretrained extractor (CS-Flow's, ``extractor_statistics``) gets the same
+update relative to the source: the prior is each layer's input over the training images, and the layer's new
+statistics normalise the shots as its own normalised those images.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.components.batchnorm_statistics import anchored_statistics
 from lightning_modules.components.specs import spec_from
 
 Views = Literal["none", "flips"]
@@ -64,12 +67,18 @@ class RecalibrationSpec:
             feature channel's mean and spread over all positions become the shots' (per-domain feature
             standardisation, folded into the Gaussians; PaDiM only). ``auto``: with and without, whichever
             explains the held-out shots better (the safety rule's own NLL), decided per run.
+        extractor_statistics: CS-Flow only: instead of standardising the flow's outputs, move the frozen
+            extractor's BatchNorm statistics, per scale, so that each layer normalises the shots' views as it
+            normalised the training images (``batchnorm_recalibration`` anchored to their input moments); kept
+            only if the detector then separates the shots from pseudo-defective copies of them at least as well
+            as before (``components.pseudo_defect_check``).
     """
 
     prior_count: int = 64
     views: Views = "flips"
     safety: bool = True
     align_channels: bool | Literal["auto"] = False
+    extractor_statistics: bool = False
 
     def __post_init__(self) -> None:
         if self.align_channels not in (True, False, "auto"):
@@ -78,6 +87,9 @@ class RecalibrationSpec:
         if isinstance(self.prior_count, bool) or not isinstance(self.prior_count, int) or self.prior_count < 1:
             raise ValueError(f"target_recalibration.prior_count must be a whole number >= 1 (embeddings per "
                              f"position), got {self.prior_count!r}")
+        if not isinstance(self.extractor_statistics, bool):
+            raise ValueError(f"target_recalibration.extractor_statistics must be true or false, got "
+                             f"{self.extractor_statistics!r}")
         if self.views not in VIEW_COUNTS:
             raise ValueError(f"target_recalibration.views must be one of {', '.join(VIEW_COUNTS)}, got "
                              f"{self.views!r}")
@@ -112,6 +124,10 @@ class Moments(NamedTuple):
         """embeddings [n, P, D] -> their per-position sums."""
         x = embeddings.to(torch.float64).transpose(0, 1)  # [P, n, D]
         return cls(embeddings.shape[0], x.sum(1), x.transpose(1, 2) @ x)
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.count + other.count, self.feature_sum + other.feature_sum,
+                       self.outer_sum + other.outer_sum)
 
     def __sub__(self, other: Moments) -> Moments:
         return Moments(self.count - other.count, self.feature_sum - other.feature_sum,
@@ -183,6 +199,10 @@ def recalibrated(source: Gaussians, target: Moments, spec: RecalibrationSpec) ->
 def mean_nll(gaussians: Gaussians, embeddings: torch.Tensor, eps: float) -> float:
     """Mean negative log-likelihood per position of embeddings [n, P, D] under N(μ, Σ + ε·I)."""
     dim = gaussians.mean.shape[-1]
+    if dim == 1:  # one channel per position (BatchNorms, flow outputs): no factorisation needed
+        var = gaussians.covariance[:, 0, 0] + eps  # [P]
+        squared = (embeddings.to(torch.float64)[..., 0] - gaussians.mean[:, 0]).square() / var  # [n, P]
+        return float(0.5 * (squared + var.log() + math.log(2 * math.pi)).mean())
     covariance = gaussians.covariance + eps * torch.eye(dim, dtype=torch.float64, device=gaussians.mean.device)
     cholesky = torch.linalg.cholesky(covariance)
     centred = embeddings.to(torch.float64).permute(1, 2, 0) - gaussians.mean[:, :, None]  # [P, D, n]
@@ -210,8 +230,9 @@ def safety_check(source: Gaussians, shots: torch.Tensor, spec: RecalibrationSpec
     shots = shots[:, :, subset.to(shots.device)]
     if k >= 2:
         held_out_sets = [shots[i] for i in range(k)]
-        everything = Moments.of(shots.flatten(0, 1))
-        fits = [everything - Moments.of(held) for held in held_out_sets]
+        per_shot = [Moments.of(held) for held in held_out_sets]
+        everything = sum(per_shot[1:], per_shot[0])
+        fits = [everything - moments for moments in per_shot]
         kind = "shots"
     else:
         half = views // 2
@@ -303,13 +324,18 @@ class LayerVerdicts(NamedTuple):
 
 @torch.no_grad()
 def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: list[tuple[str, _BatchNorm]],
-                            images: torch.Tensor, spec: RecalibrationSpec) -> LayerVerdicts:
+                            images: torch.Tensor, spec: RecalibrationSpec,
+                            source_moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                            ) -> LayerVerdicts:
     """AdaBN from k unlabelled shots, shrunk toward the source and checked layer by layer. ``layers`` are the
-    BatchNorms of the network ``forward`` runs (in eval mode) whose statistics were learned on the source. In
-    the order the forward pass reaches them, each layer's input over the shots' views (the earlier layers
-    already using what was decided for them) is the evidence; its running statistics, weighted as
-    ``prior_count`` images, are the prior. The safety rule keeps or declines each layer's update on its own, on
-    the held-out shots' inputs to that layer; a kept update is written into the layer's running statistics.
+    BatchNorms of the network ``forward`` runs (in eval mode). In the order the forward pass reaches them, each
+    layer's input over the shots' views (the earlier layers already using what was decided for them) is the
+    evidence; the source's moments of that input, weighted as ``prior_count`` images, are the prior: the layer's
+    running statistics when they were learned on the source, else ``source_moments[name]`` (a frozen pretrained
+    layer: its input over the source images). The safety rule keeps or declines each layer's update on its own,
+    on the held-out shots' inputs to that layer. A kept update is written into the layer's running statistics,
+    anchored to the source (``anchored_statistics``): the layer then normalises the shots' inputs as it
+    normalised the source's, which for statistics learned on the source is plain AdaBN.
 
     The k·V views go through the network as one batch, and each layer decides in a forward pre-hook, before it
     normalises its input: one pass does what a pass per layer, stopped at it, would."""
@@ -328,9 +354,12 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
         if values.shape[-1] > BATCHNORM_POSITIONS:
             values = values[:, :, evenly_spaced(values.shape[-1], BATCHNORM_POSITIONS, values.device)]
         views = values.reshape(VIEW_COUNTS[spec.views], len(images), *values.shape[1:]).transpose(0, 1)
-        mean, var, verdict = channel_update(views, layer.running_mean, layer.running_var, spec, layer.eps)
+        source = (layer.running_mean, layer.running_var) if source_moments is None else source_moments[name]
+        mean, var, verdict = channel_update(views, *source, spec, layer.eps)
         apply = verdict.kept or not spec.safety
         if apply:
+            if source_moments is not None:
+                mean, var = anchored_statistics(layer, source, (mean, var))
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
         names.append(name)
@@ -396,3 +425,22 @@ def target_shot_images(datamodule, key: str) -> torch.Tensor:
     if len(dataset) == 0:
         raise ValueError(f"{key}: the DataModule's target shots are empty (data.init_args.target_shots)")
     return torch.stack([dataset[index]["image"] for index in range(len(dataset))])
+
+
+#: training images an extractor's source input moments are measured on (an evenly spaced subset beyond)
+SOURCE_MOMENT_IMAGES = 64
+
+
+def training_images(datamodule, key: str, most: int = SOURCE_MOMENT_IMAGES) -> torch.Tensor:
+    """At most ``most`` evenly spaced images [n, 3, H, W] of the DataModule's train split, the normals the detector
+    was fitted on (``train_on`` as in the fit); only each item's ``image`` is read. ``key`` is named in the
+    errors."""
+    dataset = getattr(datamodule, "train_dataset", None)
+    if dataset is None:
+        raise ValueError(f"{key} needs the images the detector was fitted on, but {type(datamodule).__name__} has "
+                         f"no train split; use datamodules.OneClassDataModule with data.init_args.train_on as in "
+                         f"the fit")
+    if len(dataset) < 2:
+        raise ValueError(f"{key}: the DataModule's train split has {len(dataset)} image(s); the source statistics "
+                         f"need at least 2 (data.init_args.train_on as in the fit)")
+    return torch.stack([dataset[int(index)]["image"] for index in evenly_spaced(len(dataset), most)])

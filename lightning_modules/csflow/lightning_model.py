@@ -10,7 +10,9 @@ are frozen, and the first N MBConv blocks minimise the same NLL on the k target 
 
 Either phase may add ShiftAD's target recalibration (``target_recalibration``, also at test/predict time on a
 checkpoint): the frozen flow's outputs are standardised toward k unlabelled target shots before scoring, kept or
-declined by a held-out check on the shots (``components.target_recalibration``).
+declined by a held-out check on the shots (``components.target_recalibration``). Phase 1 may instead move the
+frozen extractor's BatchNorm statistics per scale (``extractor_statistics``): the shots are then normalised at
+every layer as the training images were, kept only if the shots' pseudo-defect separation does not drop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec, as_backbone_spec
+from lightning_modules.components.batchnorm_statistics import input_moments, named_batch_norms
 from lightning_modules.components.pseudo_defect_check import pseudo_defect_set, separation, verdict
 from lightning_modules.components.target_recalibration import (
     RECALIBRATION_OPTIONS,
@@ -32,14 +35,16 @@ from lightning_modules.components.target_recalibration import (
     RecalibrationSpec,
     Views,
     as_recalibration_spec,
+    batchnorm_recalibration,
     cycled_flips,
     flow_output_recalibration,
     target_shot_images,
+    training_images,
     verdict_summary,
     views_per_shot,
 )
 from lightning_modules.components.torch_files import load_torch_file
-from lightning_modules.csflow.torch_model import BNPolicy, CSFlowModel
+from lightning_modules.csflow.torch_model import SCALES, BNPolicy, CSFlowModel, rescaled
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +98,22 @@ class CSFlowDetector(AnomalyDetectionModule):
 
     def prepare_scoring(self, datamodule) -> None:
         self.model.set_output_standardisation(None, None)
+        self.model.use_scale_statistics = False
         if self.target_recalibration is not None:
             self.recalibrate_to_target(datamodule)
 
     @torch.no_grad()
     def recalibrate_to_target(self, datamodule) -> bool:
-        """Standardises the flow outputs toward the k target shots' views unless the safety rule declines;
-        returns whether it was kept. Reads the shots' images only."""
+        """Standardises the flow outputs toward the k target shots' views (or, with ``extractor_statistics``,
+        moves the extractor's statistics) unless the safety rule declines; returns whether it was kept. Reads the
+        shots' images only."""
         spec = self.target_recalibration
         if spec.align_channels:
             raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; CS-Flow "
                              "standardises its flow outputs per channel already: leave it false")
         images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
+        if spec.extractor_statistics:
+            return self.recalibrate_extractor(datamodule, images)
         z = views_per_shot(lambda chunk: self.model.flow(self.model.features(chunk))[0], images, spec.views, 16)
         self.check_finite({"target shot flow output": torch.cat([t.flatten() for t in z])})
         standardisation, verdict = flow_output_recalibration(z, spec)
@@ -112,6 +121,56 @@ class CSFlowDetector(AnomalyDetectionModule):
         if kept:
             self.model.set_output_standardisation(standardisation.mean, standardisation.std)
         self.report_recalibration(datamodule, kept, *verdict_summary(verdict, kept, spec, len(images)))
+        return kept
+
+    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> bool:
+        """Per scale, the frozen extractor's BatchNorms re-estimated from the shots' views, each anchored to its
+        input over the training images and kept or declined on its own (``batchnorm_recalibration``); the result
+        is kept as a whole only if the shots' pseudo-defect separation is at least the source's."""
+        spec = self.target_recalibration
+        key = "model.init_args.target_recalibration.extractor_statistics"
+        source_images = training_images(datamodule, key).to(self.device)
+        extractor = self.model.extractor
+        layers = named_batch_norms(extractor)
+        own = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
+        verdicts = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for scale, statistics in zip(SCALES, self.model.scale_statistics, strict=True):
+                def forward(chunk: torch.Tensor, scale: float = scale) -> torch.Tensor:
+                    return extractor(rescaled(chunk, scale))
+
+                source = input_moments(forward, layers, source_images.split(16))
+                verdicts.append(batchnorm_recalibration(forward, layers, images, spec, source))
+                for (name, layer), (mean, var) in zip(layers, own, strict=True):
+                    statistics.store(name, layer.running_mean, layer.running_var)
+                    layer.running_mean.copy_(mean)
+                    layer.running_var.copy_(var)
+            pseudo_defects, labels = pseudo_defect_set(images, spec.views)
+
+            def image_scores(chunk: torch.Tensor) -> torch.Tensor:
+                return self.anomaly_scores(chunk)[0]
+
+            self.model.use_scale_statistics = True
+            adapted = separation(image_scores, pseudo_defects, labels)
+            self.model.use_scale_statistics = False
+            decision = verdict(adapted, separation(image_scores, pseudo_defects, labels))
+        finally:
+            for (_, layer), (mean, var) in zip(layers, own, strict=True):  # the extractor's own stay the source's
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+            self.model.train(was_training)
+        kept = decision.kept or not spec.safety
+        self.model.use_scale_statistics = kept
+        applied = [applied for layer_verdicts in verdicts for applied in layer_verdicts.applied]
+        _, metrics = decision.summary(len(images), spec.safety)
+        line = (f"target recalibration of the extractor's statistics from {len(images)} shots x "
+                f"{VIEW_COUNTS[spec.views]} views: {'kept' if kept else 'declined, source kept'}; {sum(applied)} of "
+                f"{len(applied)} BatchNorm layers x scales updated (pseudo-defect separation AUROC: updated "
+                f"{decision.adapted:.3f}, source {decision.source:.3f}{'' if spec.safety else '; safety rule off'})")
+        self.report_recalibration(datamodule, kept, line, {**metrics, "adapt/kept": float(kept),
+                                                           "adapt/layers_kept": sum(applied) / len(applied)})
         return kept
 
     def setup(self, stage: str) -> None:
@@ -302,6 +361,11 @@ class CSFlowAdaptation(CSFlowDetector):
         log.info(line)
         self.log_dict(metrics, rank_zero_only=True)
         return decision.kept or not self.safety
+
+    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> bool:
+        raise ValueError("target_recalibration.extractor_statistics anchors the extractor to the images its flow was "
+                         "fitted on, and phase 2 fits on the target shots: recalibrate the phase-1 checkpoint, or "
+                         "set extractor_statistics false (flow-output standardisation) here")
 
     def load_adapted_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in self.adapted_state().items():

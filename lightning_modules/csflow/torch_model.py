@@ -3,7 +3,8 @@
 Paper 001 (few-shot adaptation of CS-Flow to a domain shift) and Rudolph et al. (CS-Flow):
 y_s = f_FE(x at scale s) for s in (1, 1/2, 1/4); (z, log|det J|) = f_NF(y);
 NLL = (0.5·Σz² − log|det J|) / D per sample; image score = mean z²/2; map = channel-mean z² (largest scale).
-The scores may read z standardised per scale and channel, (z − μ)/σ (ShiftAD's target recalibration).
+The scores may read z standardised per scale and channel, (z − μ)/σ, or the extractor may normalise each scale
+with statistics of its own (ShiftAD's target recalibration).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from lightning_modules.components.backbone import BackboneSpec, FeatureExtractor
+from lightning_modules.components.batchnorm_statistics import BatchNormStatistics
 from lightning_modules.components.cross_scale_flow import CrossScaleFlow
 
 SCALES = (1.0, 0.5, 0.25)
@@ -26,6 +29,12 @@ def mbconv_block_names(extractor: FeatureExtractor) -> list[str]:
     """The extractor's MBConv blocks in forward order (``blocks.<stage>.<index>``)."""
     names = [name for name, _ in extractor.body.named_modules() if name.count(".") == 2 and name.startswith("blocks.")]
     return sorted(names, key=lambda name: tuple(int(part) for part in name.split(".")[1:]))
+
+
+def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """images at ``scale`` of their side (antialiased bilinear), as the extractor sees that scale."""
+    return images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                   align_corners=False, antialias=True)
 
 
 class CSFlowModel(nn.Module):
@@ -51,10 +60,12 @@ class CSFlowModel(nn.Module):
         if min(min(shape[1:]) for shape in shapes) < 1:
             raise ValueError(f"image_size={image_size} is too small for layer {layer!r}: feature shapes {shapes}")
         self.flow = CrossScaleFlow(shapes, hidden_channels, kernel_sizes, clamp)
-        # Not in the state dict: a standardisation is fitted from a run's target shots, not trained.
+        # Not in the state dict: a standardisation or a scale's statistics are fitted from a run's target shots.
         for scale in range(len(SCALES)):
             self.register_buffer(f"z_mean_{scale}", None, persistent=False)
             self.register_buffer(f"z_std_{scale}", None, persistent=False)
+        self.scale_statistics = nn.ModuleList(BatchNormStatistics(self.extractor, persistent=False) for _ in SCALES)
+        self.use_scale_statistics = False
 
     def _probe_shapes(self, image_size: int) -> list[torch.Tensor]:
         was_training = self.extractor.training
@@ -64,12 +75,13 @@ class CSFlowModel(nn.Module):
         return features
 
     def features(self, images: torch.Tensor, extractor: FeatureExtractor | None = None) -> list[torch.Tensor]:
-        """images [B, 3, H, W] in [0, 1] -> y per scale, largest first."""
+        """images [B, 3, H, W] in [0, 1] -> y per scale, largest first; each scale through the extractor with its
+        own BatchNorm statistics when they are in use."""
+        if extractor is None and self.use_scale_statistics:
+            return [functional_call(self.extractor, statistics.as_buffers(), (rescaled(images, scale),))[self.layer]
+                    for scale, statistics in zip(SCALES, self.scale_statistics, strict=True)]
         extractor = extractor or self.extractor
-        scaled = [images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                          align_corners=False, antialias=True)
-                  for scale in SCALES]
-        return [extractor(x)[self.layer] for x in scaled]
+        return [extractor(rescaled(images, scale))[self.layer] for scale in SCALES]
 
     def nll(self, z: Sequence[torch.Tensor], log_det: torch.Tensor) -> torch.Tensor:
         """Per-sample negative log-likelihood per dimension, (0.5·Σz² − log|det J|) / D -> [B]."""

@@ -116,6 +116,9 @@ class DenseHybridAD(AnomalyDetectionModule):
         if self.target_recalibration is not None and self.target_recalibration.align_channels:
             raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; DenseHybrid "
                              "re-estimates its BatchNorm statistics: leave it false")
+        if self.target_recalibration is not None and self.target_recalibration.extractor_statistics:
+            raise ValueError("target_recalibration.extractor_statistics is CS-Flow's (a frozen extractor); DenseHybrid "
+                             "re-estimates the BatchNorm statistics it trained on the source anyway: leave it false")
         # In the checkpoint, so a test or a load rebuilds this model and scores as it was trained to; plain
         # types only, so the checkpoint loads with weights_only=True.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

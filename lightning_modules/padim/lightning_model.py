@@ -59,6 +59,9 @@ class Padim(AnomalyDetectionModule):
         self.model = PadimModel(backbone or BackboneSpec(), layers or [1, 2, 3], num_features, feature_seed,
                                 covariance_eps, blur_sigma)
         self.target_recalibration = as_recalibration_spec(target_recalibration)
+        if self.target_recalibration is not None and self.target_recalibration.extractor_statistics:
+            raise ValueError("target_recalibration.extractor_statistics is CS-Flow's; PaDiM moves its Gaussians "
+                             "(align_channels for the channel frame): leave it false")
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
