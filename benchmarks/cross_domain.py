@@ -30,7 +30,9 @@ Settings (rows), each scored on the target's test split (the detectors report th
   L2-SP, the shots' flips, source BatchNorm statistics and the safety rule), ``flow_tuned`` (ShiftAD's flow
   fine-tuning, ``configs/csflow/adapt_flow.yaml``: the flow trained on the shots' flips from its source weights,
   extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs
-  standardised toward the k shots, ``configs/csflow/target_recalibration.yaml``), ``target_full`` (phase 1 on all
+  standardised toward the k shots, ``configs/csflow/target_recalibration.yaml``), ``recalibrated_extractor`` (that
+  checkpoint tested with its frozen extractor's BatchNorm statistics moved per scale toward the k shots, anchored to
+  the training images', ``configs/csflow/target_recalibration_extractor.yaml``), ``target_full`` (phase 1 on all
   target normals);
 - ``densehybrid`` (Table I's row freeze none + rectangle, ``densehybrid/table1/freeze-none_rectangle.yaml``: the
   paper's freeze all + mask is at chance offline): ``source_only``, ``k_only``, ``source_plus_k``, ``recalibrated``
@@ -97,15 +99,15 @@ SETTINGS = {
     "padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
     "gmm_padim": ("source_only", "k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "target_full"),
     "csflow": ("source_only", "k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
-               "target_full"),
+               "recalibrated_extractor", "target_full"),
     "densehybrid": ("source_only", "k_only", "source_plus_k", "recalibrated", "source_plus_k_recalibrated",
                     "target_full"),
     "dann": ("source_only", "adabn", "dann", "dann_adabn", "adda", "target_full"),
     "knn": ("source_only", "k_only", "source_plus_k", "target_full"),
     "meta_comparer": ("source_only", "adapted", "source_plus_k", "target_full"),
 }
-SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "source_plus_k_recalibrated",
-                 "adapted", "adapted_safe", "flow_tuned")
+SHOT_SETTINGS = ("k_only", "source_plus_k", "recalibrated", "recalibrated_aligned", "recalibrated_extractor",
+                 "source_plus_k_recalibrated", "adapted", "adapted_safe", "flow_tuned")
 BOUNDS = ("source_only", "target_full")
 #: PaDiM's Gaussians need two images: k_only runs from k = 2
 MIN_SHOTS = {("padim", "k_only"): 2, ("gmm_padim", "k_only"): 2}
@@ -117,6 +119,7 @@ RECALIBRATION_CONFIGS = {("padim", "recalibrated"): "padim/target_recalibration.
                          ("padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
                          ("gmm_padim", "recalibrated_aligned"): "padim/target_recalibration_aligned.yaml",
                          ("csflow", "recalibrated"): "csflow/target_recalibration.yaml",
+                         ("csflow", "recalibrated_extractor"): "csflow/target_recalibration_extractor.yaml",
                          ("densehybrid", "recalibrated"): "densehybrid/target_recalibration.yaml",
                          ("densehybrid", "source_plus_k_recalibrated"): "densehybrid/target_recalibration.yaml"}
 #: CS-Flow's phase-2 settings: their configs, in order
@@ -126,10 +129,11 @@ PHASE_2_CONFIGS = {"adapted": ("adapt_gray.yaml",), "adapted_safe": ("adapt_gray
 #: the one the source-only job tested (CS-Flow's fit writes one, at its end, and last.ckpt the same weights)
 RECALIBRATED_AT_TEST = {"csflow": "last", "densehybrid": "selected"}
 #: the fit whose checkpoint a recalibration at test time starts from (a shot setting's: of the same k and fold)
-RECALIBRATED_FIT = {"recalibrated": "source_only", "source_plus_k_recalibrated": "source_plus_k"}
+RECALIBRATED_FIT = {"recalibrated": "source_only", "recalibrated_extractor": "source_only",
+                    "source_plus_k_recalibrated": "source_plus_k"}
 #: the images a setting fits on: OneClass's ``train_on``, LODO's ``references_from`` (the same choices)
 TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": "source+target_shots",
-            "recalibrated": "source", "recalibrated_aligned": "source",
+            "recalibrated": "source", "recalibrated_aligned": "source", "recalibrated_extractor": "source",
             "source_plus_k_recalibrated": "source+target_shots", "adapted": "target_shots",
             "adapted_safe": "target_shots", "flow_tuned": "target_shots", "target_full": "target"}
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined

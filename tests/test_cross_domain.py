@@ -82,8 +82,9 @@ def test_jobs_run_each_method_without_shots_first_then_fold_major_and_padim_k_on
                           "padim/k_only/k5/f0", "padim/source_plus_k/k5/f0", *(f"padim/{s}/k5/f0" for s in recalibrations),
                           "padim/source_plus_k/k1/f1", "padim/recalibrated/k1/f1"]
     assert "padim/k_only/k1/f0" not in keys  # one image gives PaDiM no covariance
-    shot_settings = ("k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated")
-    assert keys[-26:] == ["csflow/source_only", "csflow/target_full", *(
+    shot_settings = ("k_only", "source_plus_k", "adapted", "adapted_safe", "flow_tuned", "recalibrated",
+                     "recalibrated_extractor")
+    assert keys[-30:] == ["csflow/source_only", "csflow/target_full", *(
         f"csflow/{setting}/k{k}/f{fold}" for fold in (0, 1) for k in (1, 5) for setting in shot_settings)]
     args.methods = ["dann"]  # the two bounds first: a sweep cut short still has the gap
     assert [job.key for job in jobs_of(args)] == ["dann/source_only", "dann/target_full", "dann/adabn", "dann/dann",
