@@ -133,6 +133,12 @@ class CSFlowDetector(AnomalyDetectionModule):
         extractor = self.model.extractor
         layers = named_batch_norms(extractor)
         own = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
+
+        def put_back_own_statistics() -> None:  # the extractor's own statistics stay the source's
+            for (_, layer), (mean, var) in zip(layers, own, strict=True):
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+
         verdicts = []
         was_training = self.model.training
         self.model.eval()
@@ -143,10 +149,9 @@ class CSFlowDetector(AnomalyDetectionModule):
 
                 source = input_moments(forward, layers, source_images.split(16))
                 verdicts.append(batchnorm_recalibration(forward, layers, images, spec, source))
-                for (name, layer), (mean, var) in zip(layers, own, strict=True):
+                for name, layer in layers:
                     statistics.store(name, layer.running_mean, layer.running_var)
-                    layer.running_mean.copy_(mean)
-                    layer.running_var.copy_(var)
+                put_back_own_statistics()
             pseudo_defects, labels = pseudo_defect_set(images, spec.views)
 
             def image_scores(chunk: torch.Tensor) -> torch.Tensor:
@@ -157,9 +162,8 @@ class CSFlowDetector(AnomalyDetectionModule):
             self.model.use_scale_statistics = False
             decision = verdict(adapted, separation(image_scores, pseudo_defects, labels))
         finally:
-            for (_, layer), (mean, var) in zip(layers, own, strict=True):  # the extractor's own stay the source's
-                layer.running_mean.copy_(mean)
-                layer.running_var.copy_(var)
+            put_back_own_statistics()
+            self.model.use_scale_statistics = False
             self.model.train(was_training)
         kept = decision.kept or not spec.safety
         self.model.use_scale_statistics = kept
