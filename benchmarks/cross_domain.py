@@ -139,7 +139,7 @@ TRAIN_ON = {"source_only": "source", "k_only": "target_shots", "source_plus_k": 
 #: the metric (in the run's metrics.csv) with the safety rule's decision, 1 kept / 0 declined
 KEPT = "adapt/kept"
 #: what the label-free check decided, copied from the run's metrics into its record where logged
-DECISIONS = (KEPT, "adapt/aligned", "adapt/layers_kept")
+DECISIONS = (KEPT, "adapt/aligned", "adapt/layers_kept", "adapt/extractor_kept")
 #: (column, metric of the detectors, metric of the classifier); the first is the gap's metric
 COLUMNS = (("target image AUROC", "target/image_auroc", "target/auroc"),
            ("target pixel AUROC", "target/pixel_auroc", None),

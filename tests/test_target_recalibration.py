@@ -492,12 +492,26 @@ def test_csflow_extractor_recalibration_is_declined_when_the_pseudo_defect_separ
     separations = iter([0.55, 0.60])  # with the update, then without it
     monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: next(separations))
     module = tiny_csflow()
-    assert not module.recalibrate_to_target(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
-    assert not module.model.use_scale_statistics
-    separations = iter([0.60, 0.60])  # as good as before: kept
-    monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: next(separations))
-    assert module.recalibrate_to_target(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
-    assert module.model.use_scale_statistics
+    kept = module.recalibrate_to_target(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    # declined: the flow-output standardisation is the fallback, under its own rule
+    assert not module.model.use_scale_statistics and kept == (module.model.z_mean_0 is not None)
+    separations = iter([0.60, 0.60])  # as good as before: kept, and no standardisation on top
+    module.prepare_scoring(GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    assert module.model.use_scale_statistics and module.model.z_mean_0 is None
+
+
+def test_csflow_extractor_recalibration_is_not_tried_on_one_shot_under_the_safety_rule(monkeypatch):
+    def no_separation(*_):
+        raise AssertionError("one shot: the extractor update was tried")
+
+    monkeypatch.setattr(csflow_lightning_model, "separation", no_separation)
+    module = tiny_csflow()
+    kept = module.recalibrate_to_target(GuardedTraining(torch.rand(1, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    assert not module.model.use_scale_statistics and kept == (module.model.z_mean_0 is not None)
+    monkeypatch.setattr(csflow_lightning_model, "separation", lambda *_: 0.5)
+    module.target_recalibration = RecalibrationSpec(prior_count=2, extractor_statistics=True, safety=False)
+    module.prepare_scoring(GuardedTraining(torch.rand(1, 3, 64, 64), torch.rand(4, 3, 64, 64)))
+    assert module.model.use_scale_statistics  # the rule off: applied whatever k
 
 
 def test_csflow_extractor_recalibration_errors_name_what_is_missing_and_change_nothing():
@@ -539,7 +553,9 @@ def test_csflow_extractor_recalibration_through_cli(surfaces_root, surfaces_line
     assert module.target_recalibration == RecalibrationSpec(prior_count=2, extractor_statistics=True)
     folder = Path(tested.trainer.default_root_dir)
     kept = list(logged(folder, "adapt/kept").values())
-    assert kept in ([0.0], [1.0]) and module.model.use_scale_statistics == (kept == [1.0])
+    extractor_kept = list(logged(folder, "adapt/extractor_kept").values())
+    assert kept in ([0.0], [1.0]) and extractor_kept in ([0.0], [1.0]) and extractor_kept <= kept
+    assert module.model.use_scale_statistics == (extractor_kept == [1.0])
     assert 0 < list(logged(folder, "adapt/layers_kept").values())[0] <= 1
     assert logged(folder, "adapt/pseudo_defect_auroc_adapted") and logged(folder, "adapt/pseudo_defect_auroc_source")
     assert {"test/target/image_auroc", "test/source/image_auroc"} <= results(folder).keys()

@@ -37,8 +37,11 @@ class SeparationVerdict(NamedTuple):
         line = (f"phase-2 safety rule on {shots} target shots: {'kept' if kept else 'declined, source kept'} "
                 f"(pseudo-defect separation AUROC: adapted {self.adapted:.3f}, source {self.source:.3f}"
                 f"{'' if enforced else '; rule off'})")
-        figures = {"adapt/pseudo_defect_auroc_adapted": self.adapted, "adapt/pseudo_defect_auroc_source": self.source}
-        return line, {"adapt/kept": float(kept), **figures} if enforced else figures
+        return line, {"adapt/kept": float(kept), **self.figures} if enforced else self.figures
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return {"adapt/pseudo_defect_auroc_adapted": self.adapted, "adapt/pseudo_defect_auroc_source": self.source}
 
 
 def pseudo_defect_set(shots: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Tensor]:

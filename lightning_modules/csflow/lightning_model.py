@@ -10,9 +10,10 @@ are frozen, and the first N MBConv blocks minimise the same NLL on the k target 
 
 Either phase may add ShiftAD's target recalibration (``target_recalibration``, also at test/predict time on a
 checkpoint): the frozen flow's outputs are standardised toward k unlabelled target shots before scoring, kept or
-declined by a held-out check on the shots (``components.target_recalibration``). Phase 1 may instead move the
+declined by a held-out check on the shots (``components.target_recalibration``). Phase 1 may first move the
 frozen extractor's BatchNorm statistics per scale (``extractor_statistics``): the shots are then normalised at
-every layer as the training images were, kept only if the shots' pseudo-defect separation does not drop.
+every layer as the training images were, kept only if the shots' pseudo-defect separation does not drop, and
+the flow-output standardisation is the fallback where it is declined.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from lightning_modules.components.torch_files import load_torch_file
 from lightning_modules.csflow.torch_model import SCALES, BNPolicy, CSFlowModel, rescaled
 
 log = logging.getLogger(__name__)
+#: shots the extractor recalibration needs under the safety rule (one to hold out, one to fit)
+EXTRACTOR_MIN_SHOTS = 2
 
 
 class FeatureCache:
@@ -104,30 +107,40 @@ class CSFlowDetector(AnomalyDetectionModule):
 
     @torch.no_grad()
     def recalibrate_to_target(self, datamodule) -> bool:
-        """Standardises the flow outputs toward the k target shots' views (or, with ``extractor_statistics``,
-        moves the extractor's statistics) unless the safety rule declines; returns whether it was kept. Reads the
-        shots' images only."""
+        """With ``extractor_statistics``, first moves the extractor's statistics toward the k target shots' views;
+        where that is declined (or k = 1 under the safety rule), standardises the flow outputs toward them unless
+        their own rule declines. Returns whether an update was kept. Reads the shots' images only."""
         spec = self.target_recalibration
         if spec.align_channels:
             raise ValueError("target_recalibration.align_channels moves PaDiM's per-position Gaussians; CS-Flow "
                              "standardises its flow outputs per channel already: leave it false")
         images = target_shot_images(datamodule, "model.init_args.target_recalibration").to(self.device)
+        lines, metrics = [], {}
         if spec.extractor_statistics:
-            return self.recalibrate_extractor(datamodule, images)
+            kept, line, metrics = self.recalibrate_extractor(datamodule, images)
+            if kept:
+                self.report_recalibration(datamodule, True, line, {**metrics, "adapt/kept": 1.0})
+                return True
+            lines.append(line)
         z = views_per_shot(lambda chunk: self.model.flow(self.model.features(chunk))[0], images, spec.views, 16)
         self.check_finite({"target shot flow output": torch.cat([t.flatten() for t in z])})
         standardisation, verdict = flow_output_recalibration(z, spec)
         kept = verdict.kept or not spec.safety
         if kept:
             self.model.set_output_standardisation(standardisation.mean, standardisation.std)
-        self.report_recalibration(datamodule, kept, *verdict_summary(verdict, kept, spec, len(images)))
+        line, output_metrics = verdict_summary(verdict, kept, spec, len(images))
+        self.report_recalibration(datamodule, kept, "; then ".join([*lines, line]), {**metrics, **output_metrics})
         return kept
 
-    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> bool:
+    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> tuple[bool, str, dict[str, float]]:
         """Per scale, the frozen extractor's BatchNorms re-estimated from the shots' views, each anchored to its
         input over the training images and kept or declined on its own (``batchnorm_recalibration``); the result
-        is kept as a whole only if the shots' pseudo-defect separation is at least the source's."""
+        is kept as a whole only if the shots' pseudo-defect separation is at least the source's. One shot leaves
+        no image to hold out, so under the safety rule it is not tried. Returns (kept, log line, metrics)."""
         spec = self.target_recalibration
+        if spec.safety and len(images) < EXTRACTOR_MIN_SHOTS:
+            return False, (f"extractor statistics not tried: {len(images)} shot leaves none to hold out (the safety "
+                           f"rule needs {EXTRACTOR_MIN_SHOTS})"), {"adapt/extractor_kept": 0.0}
         key = "model.init_args.target_recalibration.extractor_statistics"
         source_images = training_images(datamodule, key).to(self.device)
         extractor = self.model.extractor
@@ -168,14 +181,12 @@ class CSFlowDetector(AnomalyDetectionModule):
         kept = decision.kept or not spec.safety
         self.model.use_scale_statistics = kept
         applied = [applied for layer_verdicts in verdicts for applied in layer_verdicts.applied]
-        _, metrics = decision.summary(len(images), spec.safety)
         line = (f"target recalibration of the extractor's statistics from {len(images)} shots x "
-                f"{VIEW_COUNTS[spec.views]} views: {'kept' if kept else 'declined, source kept'}; {sum(applied)} of "
+                f"{VIEW_COUNTS[spec.views]} views: {'kept' if kept else 'declined'}; {sum(applied)} of "
                 f"{len(applied)} BatchNorm layers x scales updated (pseudo-defect separation AUROC: updated "
                 f"{decision.adapted:.3f}, source {decision.source:.3f}{'' if spec.safety else '; safety rule off'})")
-        self.report_recalibration(datamodule, kept, line, {**metrics, "adapt/kept": float(kept),
-                                                           "adapt/layers_kept": sum(applied) / len(applied)})
-        return kept
+        return kept, line, {**decision.figures, "adapt/extractor_kept": float(kept),
+                            "adapt/layers_kept": sum(applied) / len(applied)}
 
     def setup(self, stage: str) -> None:
         data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer is not None else None
@@ -366,7 +377,7 @@ class CSFlowAdaptation(CSFlowDetector):
         self.log_dict(metrics, rank_zero_only=True)
         return decision.kept or not self.safety
 
-    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> bool:
+    def recalibrate_extractor(self, datamodule, images: torch.Tensor) -> tuple[bool, str, dict[str, float]]:
         raise ValueError("target_recalibration.extractor_statistics anchors the extractor to the images its flow was "
                          "fitted on, and phase 2 fits on the target shots: recalibrate the phase-1 checkpoint, or "
                          "set extractor_statistics false (flow-output standardisation) here")
