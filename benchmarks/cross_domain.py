@@ -32,7 +32,8 @@ Settings (rows), each scored on the target's test split (the detectors report th
   extractor frozen, with the safety rule), ``recalibrated`` (that checkpoint tested with its flow outputs
   standardised toward the k shots, ``configs/csflow/target_recalibration.yaml``), ``recalibrated_extractor`` (that
   checkpoint tested with its frozen extractor's BatchNorm statistics moved per scale toward the k shots, anchored to
-  the training images', ``configs/csflow/target_recalibration_extractor.yaml``), ``target_full`` (phase 1 on all
+  the training images', or, where that is declined and at k = 1, with the flow-output standardisation,
+  ``configs/csflow/target_recalibration_extractor.yaml``), ``target_full`` (phase 1 on all
   target normals);
 - ``densehybrid`` (Table I's row freeze none + rectangle, ``densehybrid/table1/freeze-none_rectangle.yaml``: the
   paper's freeze all + mask is at chance offline): ``source_only``, ``k_only``, ``source_plus_k``, ``recalibrated``
