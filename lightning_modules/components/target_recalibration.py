@@ -67,11 +67,12 @@ class RecalibrationSpec:
             feature channel's mean and spread over all positions become the shots' (per-domain feature
             standardisation, folded into the Gaussians; PaDiM only). ``auto``: with and without, whichever
             explains the held-out shots better (the safety rule's own NLL), decided per run.
-        extractor_statistics: CS-Flow only: instead of standardising the flow's outputs, move the frozen
-            extractor's BatchNorm statistics, per scale, so that each layer normalises the shots' views as it
-            normalised the training images (``batchnorm_recalibration`` anchored to their input moments); kept
-            only if the detector then separates the shots from pseudo-defective copies of them at least as well
-            as before (``components.pseudo_defect_check``).
+        extractor_statistics: CS-Flow only: first move the frozen extractor's BatchNorm statistics, per scale,
+            so that each layer normalises the shots' views as it normalised the training images
+            (``batchnorm_recalibration`` anchored to their input moments); kept only if the detector then
+            separates the shots from pseudo-defective copies of them at least as well as before
+            (``components.pseudo_defect_check``). Where that is declined, and at k = 1 under the safety rule, the
+            flow's outputs are standardised instead.
     """
 
     prior_count: int = 64
