@@ -71,6 +71,18 @@ def trained_batch_norms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in named_batch_norms(module) if any(p.requires_grad for p in m.parameters())]
 
 
+def restorer(layers: list[tuple[str, _BatchNorm]]) -> Callable[[], None]:
+    """A function that puts the layers' running mean and variance back to what they are now."""
+    saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
+
+    def restore() -> None:
+        for (_, layer), (mean, var) in zip(layers, saved, strict=True):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+
+    return restore
+
+
 class _LayerReached(Exception):
     """Stops a forward pass once the layer whose input is being measured has seen it."""
 

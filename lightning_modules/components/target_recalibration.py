@@ -43,7 +43,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.components.batchnorm_statistics import anchored_statistics
+from lightning_modules.components.batchnorm_statistics import anchored_statistics, restorer
 from lightning_modules.components.specs import spec_from
 
 Views = Literal["none", "flips"]
@@ -367,15 +367,13 @@ def batchnorm_recalibration(forward: Callable[[torch.Tensor], object], layers: l
         verdicts.append(verdict)
         applied.append(apply)
 
-    before = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
+    restore = restorer(layers)
     handles = [layer.register_forward_pre_hook(lambda _m, inputs, name=name, layer=layer: update(name, layer, inputs))
                for name, layer in layers]
     try:
         forward(label_preserving_views(images, spec.views))
     except BaseException:  # a half-updated network would be neither the source's nor the update
-        for (_, layer), (mean, var) in zip(layers, before, strict=True):
-            layer.running_mean.copy_(mean)
-            layer.running_var.copy_(var)
+        restore()
         raise
     finally:
         for handle in handles:

@@ -22,14 +22,20 @@ import dataclasses
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lightning_modules.base import AnomalyDetectionModule
 from lightning_modules.components.backbone import BackboneSpec, as_backbone_spec
-from lightning_modules.components.batchnorm_statistics import input_moments, named_batch_norms
-from lightning_modules.components.pseudo_defect_check import pseudo_defect_set, separation, verdict
+from lightning_modules.components.batchnorm_statistics import input_moments, named_batch_norms, restorer
+from lightning_modules.components.pseudo_defect_check import (
+    SeparationVerdict,
+    pseudo_defect_set,
+    separation,
+    verdict,
+)
 from lightning_modules.components.target_recalibration import (
     RECALIBRATION_OPTIONS,
     VIEW_COUNTS,
@@ -145,13 +151,7 @@ class CSFlowDetector(AnomalyDetectionModule):
         source_images = training_images(datamodule, key).to(self.device)
         extractor = self.model.extractor
         layers = named_batch_norms(extractor)
-        own = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in layers]
-
-        def put_back_own_statistics() -> None:  # the extractor's own statistics stay the source's
-            for (_, layer), (mean, var) in zip(layers, own, strict=True):
-                layer.running_mean.copy_(mean)
-                layer.running_var.copy_(var)
-
+        put_back_own_statistics = restorer(layers)  # the extractor's own statistics stay the source's
         verdicts = []
         was_training = self.model.training
         self.model.eval()
@@ -165,15 +165,8 @@ class CSFlowDetector(AnomalyDetectionModule):
                 for name, layer in layers:
                     statistics.store(name, layer.running_mean, layer.running_var)
                 put_back_own_statistics()
-            pseudo_defects, labels = pseudo_defect_set(images, spec.views)
-
-            def image_scores(chunk: torch.Tensor) -> torch.Tensor:
-                return self.anomaly_scores(chunk)[0]
-
-            self.model.use_scale_statistics = True
-            adapted = separation(image_scores, pseudo_defects, labels)
-            self.model.use_scale_statistics = False
-            decision = verdict(adapted, separation(image_scores, pseudo_defects, labels))
+            decision = self.pseudo_defect_verdict(
+                images, spec.views, lambda updated: setattr(self.model, "use_scale_statistics", updated))
         finally:
             put_back_own_statistics()
             self.model.use_scale_statistics = False
@@ -187,6 +180,20 @@ class CSFlowDetector(AnomalyDetectionModule):
                 f"{decision.adapted:.3f}, source {decision.source:.3f}{'' if spec.safety else '; safety rule off'})")
         return kept, line, {**decision.figures, "adapt/extractor_kept": float(kept),
                             "adapt/layers_kept": sum(applied) / len(applied)}
+
+    def pseudo_defect_verdict(self, shots: torch.Tensor, views: Views,
+                              use_update: Callable[[bool], None]) -> SeparationVerdict:
+        """The shots' pseudo-defect separation with the update (``use_update(True)``), then without it
+        (``use_update(False)``, left so); kept when it does not drop (``components.pseudo_defect_check``)."""
+        images, labels = pseudo_defect_set(shots, views)
+
+        def image_scores(chunk: torch.Tensor) -> torch.Tensor:
+            return self.anomaly_scores(chunk)[0]
+
+        use_update(True)
+        adapted = separation(image_scores, images, labels)
+        use_update(False)
+        return verdict(adapted, separation(image_scores, images, labels))
 
     def setup(self, stage: str) -> None:
         data_size = getattr(self.trainer.datamodule, "image_size", None) if self._trainer is not None else None
@@ -357,18 +364,11 @@ class CSFlowAdaptation(CSFlowDetector):
         """Compares the adapted and the source blocks on the shots' pseudo-defect separation; restores the source
         blocks when the adapted ones separate worse (and ``safety`` is on). Returns whether the adaptation stays."""
         shots = target_shot_images(datamodule, "model.init_args.safety").to(self.device)
-        images, labels = pseudo_defect_set(shots, "flips")
         adapted_state = {name: value.detach().clone() for name, value in self.adapted_state().items()}
         was_training = self.training
         self.eval()
-
-        def image_scores(chunk: torch.Tensor) -> torch.Tensor:
-            return self.anomaly_scores(chunk)[0]
-
-        adapted = separation(image_scores, images, labels)
-        self.load_adapted_state(self.source_state)
-        source = separation(image_scores, images, labels)
-        decision = verdict(adapted, source)
+        decision = self.pseudo_defect_verdict(
+            shots, "flips", lambda updated: self.load_adapted_state(adapted_state if updated else self.source_state))
         if decision.kept or not self.safety:
             self.load_adapted_state(adapted_state)
         self.train(was_training)
