@@ -64,6 +64,8 @@ class ShiftADModule(LightningModule):
         self.optimizer_factory = optimizer or adam()
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        #: the DataModule hyperparameters of the fit, once a checkpoint is loaded (None before)
+        self.fitted_data: dict | None = None
 
     def parameter_groups(self) -> list[dict]:
         """Trainable parameter groups; a group may carry ``lr_mult``, applied to the optimizer's lr."""
@@ -162,6 +164,7 @@ class ShiftADModule(LightningModule):
             )
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        self.fitted_data = checkpoint.get("datamodule_hyper_parameters")
 
 
 class AnomalyDetectionModule(ShiftADModule):

@@ -29,6 +29,7 @@ from lightning_modules.components.target_recalibration import (
     recalibrated,
     safety_check,
     shrunk,
+    train_split_mismatch,
     views_per_shot,
 )
 from lightning_modules.csflow import CSFlow, CSFlowAdaptation
@@ -535,6 +536,26 @@ def test_csflow_extractor_recalibration_errors_name_what_is_missing_and_change_n
         RecalibrationSpec(extractor_statistics="yes")
 
 
+def test_csflow_extractor_recalibration_refuses_other_training_images_than_the_fit():
+    fitted = {"train_on": "source", "source": {"dataset": "surfaces", "category": "brick", "shift": None},
+              "target": {"dataset": "surfaces_line_b", "category": "brick", "shift": None}, "target_shots": None}
+    # a new target does not change a source fit's train split; another source or train_on does
+    assert train_split_mismatch(fitted, {**fitted, "target": {"dataset": "folder", "root": "/data/lineC"}}) == []
+    assert train_split_mismatch(fitted, {**fitted, "train_on": "target"}) == ["train_on: 'source' -> 'target'"]
+    assert train_split_mismatch({**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 0},
+                                {**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 1}) == [
+        "fold: 0 -> 1"]
+    module = tiny_csflow()
+    module.fitted_data = fitted
+    data = GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64))
+    data.hparams = {**fitted, "source": {**fitted["source"], "shift": "gray"}}
+    own = copy_of_statistics(module.model.extractor)
+    with pytest.raises(ValueError, match=r"other training images than the checkpoint's fit \(data.init_args source: "):
+        module.recalibrate_to_target(data)
+    assert not module.model.use_scale_statistics
+    assert all(torch.equal(copy_of_statistics(module.model.extractor)[key], own[key]) for key in own)
+
+
 def test_scale_statistics_stay_out_of_the_state_dict_and_dann_keeps_its_keys():
     network = two_batchnorm_network()
     assert BatchNormStatistics(network, persistent=False).state_dict() == {}
@@ -551,6 +572,7 @@ def test_csflow_extractor_recalibration_through_cli(surfaces_root, surfaces_line
                    "--data.init_args.target_shots", "2", "--ckpt_path", str(checkpoint)])
     module = tested.model
     assert module.target_recalibration == RecalibrationSpec(prior_count=2, extractor_statistics=True)
+    assert module.fitted_data["train_on"] == "source"  # what the source moments were checked against
     folder = Path(tested.trainer.default_root_dir)
     kept = list(logged(folder, "adapt/kept").values())
     extractor_kept = list(logged(folder, "adapt/extractor_kept").values())

@@ -430,10 +430,34 @@ def target_shot_images(datamodule, key: str) -> torch.Tensor:
 SOURCE_MOMENT_IMAGES = 64
 
 
-def training_images(datamodule, key: str, most: int = SOURCE_MOMENT_IMAGES) -> torch.Tensor:
+#: the DataModule settings that decide which images its train split reads: always, and per ``train_on`` part
+TRAIN_SPLIT_KEYS = ("train_on",)
+TRAIN_SPLIT_KEYS_OF = {"source": ("source",), "target": ("target",), "target_shots": ("target", "target_shots", "fold")}
+
+
+def train_split_mismatch(fitted: dict, current: dict) -> list[str]:
+    """The train-split settings (``data.init_args``) in which ``current`` differs from ``fitted``, as
+    ``key: fitted -> current`` lines; both are DataModule hyperparameters (a checkpoint's
+    ``datamodule_hyper_parameters``)."""
+    keys = [*TRAIN_SPLIT_KEYS, *(key for part in str(fitted.get("train_on", "")).split("+")
+                                 for key in TRAIN_SPLIT_KEYS_OF.get(part, ()))]
+    return [f"{key}: {fitted.get(key)!r} -> {current.get(key)!r}" for key in dict.fromkeys(keys)
+            if fitted.get(key) != current.get(key)]
+
+
+def training_images(datamodule, key: str, most: int = SOURCE_MOMENT_IMAGES,
+                    fitted_data: dict | None = None) -> torch.Tensor:
     """At most ``most`` evenly spaced images [n, 3, H, W] of the DataModule's train split, the normals the detector
-    was fitted on (``train_on`` as in the fit); only each item's ``image`` is read. ``key`` is named in the
+    was fitted on; only each item's ``image`` is read. ``fitted_data``: the DataModule hyperparameters of the fit
+    (from its checkpoint), refused when the train split would read other images. ``key`` is named in the
     errors."""
+    current = getattr(datamodule, "hparams", None)
+    if fitted_data is not None and current is not None:
+        mismatch = train_split_mismatch(fitted_data, dict(current))
+        if mismatch:
+            raise ValueError(f"{key} measures the source statistics on the images the detector was fitted on, but "
+                             f"this run's DataModule reads other training images than the checkpoint's fit "
+                             f"(data.init_args {'; '.join(mismatch)}); set them as in the fit")
     dataset = getattr(datamodule, "train_dataset", None)
     if dataset is None:
         raise ValueError(f"{key} needs the images the detector was fitted on, but {type(datamodule).__name__} has "

@@ -148,7 +148,7 @@ class CSFlowDetector(AnomalyDetectionModule):
             return False, (f"extractor statistics not tried: {len(images)} shot leaves none to hold out (the safety "
                            f"rule needs {EXTRACTOR_MIN_SHOTS})"), {"adapt/extractor_kept": 0.0}
         key = "model.init_args.target_recalibration.extractor_statistics"
-        source_images = training_images(datamodule, key).to(self.device)
+        source_images = training_images(datamodule, key, fitted_data=self.fitted_data).to(self.device)
         extractor = self.model.extractor
         layers = named_batch_norms(extractor)
         put_back_own_statistics = restorer(layers)  # the extractor's own statistics stay the source's
