@@ -541,19 +541,32 @@ def test_csflow_extractor_recalibration_refuses_other_training_images_than_the_f
               "target": {"dataset": "surfaces_line_b", "category": "brick", "shift": None}, "target_shots": None}
     # a new target does not change a source fit's train split; another source or train_on does
     assert train_split_mismatch(fitted, {**fitted, "target": {"dataset": "folder", "root": "/data/lineC"}}) == []
-    assert train_split_mismatch(fitted, {**fitted, "train_on": "target"}) == ["train_on: 'source' -> 'target'"]
-    assert train_split_mismatch({**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 0},
-                                {**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 1}) == [
-        "fold: 0 -> 1"]
+    assert list(map(str, train_split_mismatch(fitted, {**fitted, "train_on": "target"}))) == [
+        "train_on: 'source' -> 'target'"]
+    assert list(map(str, train_split_mismatch(
+        {**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 0},
+        {**fitted, "train_on": "source+target_shots", "target_shots": 5, "fold": 1}))) == ["fold: 0 -> 1"]
+    # a domain is compared field by field, with the spellings of the same images equal
+    same = {**fitted, "source": {**fitted["source"], "category": ["brick"], "shift": "none"}}
+    assert train_split_mismatch(fitted, same) == []
+    assert list(map(str, train_split_mismatch(fitted, {**fitted, "source": {**fitted["source"], "category": "wood"}}))) == [
+        "source.category: 'brick' -> 'wood'"]
     module = tiny_csflow()
     module.fitted_data = fitted
     data = GuardedTraining(torch.rand(2, 3, 64, 64), torch.rand(4, 3, 64, 64))
     data.hparams = {**fitted, "source": {**fitted["source"], "shift": "gray"}}
     own = copy_of_statistics(module.model.extractor)
-    with pytest.raises(ValueError, match=r"other training images than the checkpoint's fit \(data.init_args source: "):
+    with pytest.raises(ValueError, match=r"other training images than the checkpoint's fit \(data.init_args "
+                                         r"source.shift: None -> 'gray'\)"):
         module.recalibrate_to_target(data)
     assert not module.model.use_scale_statistics
     assert all(torch.equal(copy_of_statistics(module.model.extractor)[key], own[key]) for key in own)
+    # the same images in another folder (a checkpoint moved to another machine): warned, not refused
+    folder_fit = {**fitted, "source": {**fitted["source"], "dataset": "folder", "root": "/cluster/lineA"}}
+    module.fitted_data = folder_fit
+    data.hparams = {**folder_fit, "source": {**folder_fit["source"], "root": "/mnt/lineA"}}
+    with pytest.warns(UserWarning, match=r"another folder .*source.root: '/cluster/lineA' -> '/mnt/lineA'"):
+        assert module.recalibrate_to_target(data) in (True, False)
 
 
 def test_scale_statistics_stay_out_of_the_state_dict_and_dann_keeps_its_keys():

@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.components.batchnorm_statistics import anchored_statistics, restorer
@@ -435,14 +436,47 @@ TRAIN_SPLIT_KEYS = ("train_on",)
 TRAIN_SPLIT_KEYS_OF = {"source": ("source",), "target": ("target",), "target_shots": ("target", "target_shots", "fold")}
 
 
-def train_split_mismatch(fitted: dict, current: dict) -> list[str]:
-    """The train-split settings (``data.init_args``) in which ``current`` differs from ``fitted``, as
-    ``key: fitted -> current`` lines; both are DataModule hyperparameters (a checkpoint's
-    ``datamodule_hyper_parameters``)."""
+class SettingChange(NamedTuple):
+    """One train-split setting (``source.category``, ``fold``) that differs between the fit and this run."""
+
+    name: str
+    fitted: object
+    current: object
+
+    @property
+    def folder_only(self) -> bool:
+        """A domain's ``root``: the same images may have moved to another folder or machine."""
+        return self.name.endswith(".root")
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.fitted!r} -> {self.current!r}"
+
+
+def _same_spelling(field: str, value: object) -> object:
+    """One spelling per meaning: no shift is ``None`` (YAML's ``none`` is a string), one category is a string."""
+    if field == "shift" and value == "none":
+        return None
+    if field == "category" and isinstance(value, (list, tuple)) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def train_split_mismatch(fitted: dict, current: dict) -> list[SettingChange]:
+    """The train-split settings (``data.init_args``) in which ``current`` differs from ``fitted``; both are
+    DataModule hyperparameters (a checkpoint's ``datamodule_hyper_parameters``). A domain is compared field by
+    field."""
     keys = [*TRAIN_SPLIT_KEYS, *(key for part in str(fitted.get("train_on", "")).split("+")
                                  for key in TRAIN_SPLIT_KEYS_OF.get(part, ()))]
-    return [f"{key}: {fitted.get(key)!r} -> {current.get(key)!r}" for key in dict.fromkeys(keys)
-            if fitted.get(key) != current.get(key)]
+    changes = []
+    for key in dict.fromkeys(keys):
+        was, now = fitted.get(key), current.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):
+            changes += [SettingChange(f"{key}.{field}", was.get(field), now.get(field))
+                        for field in dict.fromkeys([*was, *now])
+                        if _same_spelling(field, was.get(field)) != _same_spelling(field, now.get(field))]
+        elif was != now:
+            changes.append(SettingChange(key, was, now))
+    return changes
 
 
 def training_images(datamodule, key: str, most: int = SOURCE_MOMENT_IMAGES,
@@ -453,11 +487,16 @@ def training_images(datamodule, key: str, most: int = SOURCE_MOMENT_IMAGES,
     errors."""
     current = getattr(datamodule, "hparams", None)
     if fitted_data is not None and current is not None:
-        mismatch = train_split_mismatch(fitted_data, dict(current))
-        if mismatch:
+        changes = train_split_mismatch(fitted_data, dict(current))
+        refused = [str(change) for change in changes if not change.folder_only]
+        if refused:
             raise ValueError(f"{key} measures the source statistics on the images the detector was fitted on, but "
                              f"this run's DataModule reads other training images than the checkpoint's fit "
-                             f"(data.init_args {'; '.join(mismatch)}); set them as in the fit")
+                             f"(data.init_args {'; '.join(refused)}); set them as in the fit")
+        if changes:
+            rank_zero_warn(f"{key}: the training images are read from another folder than in the checkpoint's fit "
+                           f"(data.init_args {'; '.join(map(str, changes))}); the source statistics are right only "
+                           f"if they are the same images")
     dataset = getattr(datamodule, "train_dataset", None)
     if dataset is None:
         raise ValueError(f"{key} needs the images the detector was fitted on, but {type(datamodule).__name__} has "
