@@ -115,6 +115,14 @@ class ResolvedDomain:
     def same_images_as(self, other: ResolvedDomain) -> bool:
         return self.same_folder_as(other) and self.categories == other.categories
 
+    def changed_fields(self, other: ResolvedDomain) -> list[str]:
+        """The config fields (``dataset``, ``root``, ``category``, ``shift``) in which ``other`` differs, compared
+        as resolved: other spellings of the same thing (``shift: none``, a one-item category list, an inherited
+        value given again) agree."""
+        same = {"dataset": self.dataset == other.dataset, "root": _canonical(self.root) == _canonical(other.root),
+                "category": self.categories == other.categories, "shift": self.shift == other.shift}
+        return [field for field, equal in same.items() if not equal]
+
     def folder_tag(self, other: ResolvedDomain) -> str:
         """This domain's folder in a run tag next to ``other``'s: its dataset, with the folder's name when the
         two are the same dataset in different folders."""

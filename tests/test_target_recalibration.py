@@ -549,6 +549,11 @@ def test_csflow_extractor_recalibration_refuses_other_training_images_than_the_f
     # a domain is compared field by field, with the spellings of the same images equal
     same = {**fitted, "source": {**fitted["source"], "category": ["brick"], "shift": "none"}}
     assert train_split_mismatch(fitted, same) == []
+    shots_fit = {**fitted, "train_on": "target_shots", "target_shots": 5, "fold": 0}
+    inherited = {**shots_fit, "target": {**fitted["target"], "category": None}}  # the source's category
+    assert train_split_mismatch(shots_fit, inherited) == []
+    wood = {**inherited, "source": {**fitted["source"], "category": "wood"}}  # the target inherits it
+    assert list(map(str, train_split_mismatch(shots_fit, wood))) == ["target.category: 'brick' -> 'wood'"]
     assert list(map(str, train_split_mismatch(fitted, {**fitted, "source": {**fitted["source"], "category": "wood"}}))) == [
         "source.category: 'brick' -> 'wood'"]
     module = tiny_csflow()

@@ -44,6 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from datamodules.domain import ResolvedDomain, resolve_source, resolve_target
 from lightning_modules.components.batchnorm_statistics import anchored_statistics, restorer
 from lightning_modules.components.specs import spec_from
 
@@ -452,28 +453,38 @@ class SettingChange(NamedTuple):
         return f"{self.name}: {self.fitted!r} -> {self.current!r}"
 
 
-def _same_spelling(field: str, value: object) -> object:
-    """One spelling per meaning: no shift is ``None`` (YAML's ``none`` is a string), one category is a string."""
-    if field == "shift" and value == "none":
-        return None
-    if field == "category" and isinstance(value, (list, tuple)) and len(value) == 1:
-        return value[0]
-    return value
+def _domains(hparams: dict) -> dict[str, ResolvedDomain]:
+    """A OneClass DataModule's source and target as it resolves them (no image is read); none for another."""
+    if not isinstance(hparams.get("source"), dict):
+        return {}
+    source = resolve_source(hparams["source"])
+    return {"source": source, "target": resolve_target(hparams.get("target"), source)}
+
+
+def _shown(given: dict | None, domain: ResolvedDomain, field: str) -> object:
+    """A domain field as the config gave it, or as resolved where it was left unset (inherited from the source, or
+    the embedded build's folder); no shift is shown as given (``None``)."""
+    value = (given or {}).get(field)
+    if value is not None or field == "shift":
+        return value
+    categories = domain.categories[0] if len(domain.categories) == 1 else list(domain.categories)
+    return {"dataset": domain.dataset, "root": str(domain.root), "category": categories}[field]
 
 
 def train_split_mismatch(fitted: dict, current: dict) -> list[SettingChange]:
     """The train-split settings (``data.init_args``) in which ``current`` differs from ``fitted``; both are
     DataModule hyperparameters (a checkpoint's ``datamodule_hyper_parameters``). A domain is compared field by
-    field."""
+    field as resolved (a target's unset fields are the source's)."""
     keys = [*TRAIN_SPLIT_KEYS, *(key for part in str(fitted.get("train_on", "")).split("+")
                                  for key in TRAIN_SPLIT_KEYS_OF.get(part, ()))]
+    was_domains, now_domains = _domains(fitted), _domains(current)
     changes = []
     for key in dict.fromkeys(keys):
         was, now = fitted.get(key), current.get(key)
-        if isinstance(was, dict) and isinstance(now, dict):
-            changes += [SettingChange(f"{key}.{field}", was.get(field), now.get(field))
-                        for field in dict.fromkeys([*was, *now])
-                        if _same_spelling(field, was.get(field)) != _same_spelling(field, now.get(field))]
+        if key in was_domains and key in now_domains:
+            was_domain, now_domain = was_domains[key], now_domains[key]
+            changes += [SettingChange(f"{key}.{field}", _shown(was, was_domain, field), _shown(now, now_domain, field))
+                        for field in was_domain.changed_fields(now_domain)]
         elif was != now:
             changes.append(SettingChange(key, was, now))
     return changes
