@@ -554,6 +554,8 @@ def test_csflow_extractor_recalibration_refuses_other_training_images_than_the_f
     assert train_split_mismatch(shots_fit, inherited) == []
     wood = {**inherited, "source": {**fitted["source"], "category": "wood"}}  # the target inherits it
     assert list(map(str, train_split_mismatch(shots_fit, wood))) == ["target.category: 'brick' -> 'wood'"]
+    with pytest.raises(ValueError, match=r"the checkpoint's fit data.init_args: source.shift: unknown shift 'sepia'"):
+        train_split_mismatch({**fitted, "source": {**fitted["source"], "shift": "sepia"}}, fitted)
     assert list(map(str, train_split_mismatch(fitted, {**fitted, "source": {**fitted["source"], "category": "wood"}}))) == [
         "source.category: 'brick' -> 'wood'"]
     module = tiny_csflow()

@@ -453,12 +453,16 @@ class SettingChange(NamedTuple):
         return f"{self.name}: {self.fitted!r} -> {self.current!r}"
 
 
-def _domains(hparams: dict) -> dict[str, ResolvedDomain]:
-    """A OneClass DataModule's source and target as it resolves them (no image is read); none for another."""
+def _domains(hparams: dict, whose: str) -> dict[str, ResolvedDomain]:
+    """A OneClass DataModule's source and target as it resolves them (no image is read); none for another.
+    ``whose`` hyperparameters they are is named in the errors."""
     if not isinstance(hparams.get("source"), dict):
         return {}
-    source = resolve_source(hparams["source"])
-    return {"source": source, "target": resolve_target(hparams.get("target"), source)}
+    try:
+        source = resolve_source(hparams["source"])
+        return {"source": source, "target": resolve_target(hparams.get("target"), source)}
+    except ValueError as error:
+        raise ValueError(f"{whose} data.init_args: {error}") from error
 
 
 def _shown(given: dict | None, domain: ResolvedDomain, field: str) -> object:
@@ -477,7 +481,7 @@ def train_split_mismatch(fitted: dict, current: dict) -> list[SettingChange]:
     field as resolved (a target's unset fields are the source's)."""
     keys = [*TRAIN_SPLIT_KEYS, *(key for part in str(fitted.get("train_on", "")).split("+")
                                  for key in TRAIN_SPLIT_KEYS_OF.get(part, ()))]
-    was_domains, now_domains = _domains(fitted), _domains(current)
+    was_domains, now_domains = _domains(fitted, "the checkpoint's fit"), _domains(current, "this run's")
     changes = []
     for key in dict.fromkeys(keys):
         was, now = fitted.get(key), current.get(key)
